@@ -4,6 +4,8 @@ Restartable on the same port (broker-restart tests) and always stopped at the en
 """
 from __future__ import annotations
 
+import pwd
+import os
 import shutil
 import socket
 import subprocess
@@ -42,7 +44,9 @@ class Mosquitto:
         self.port = port or free_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self.conf = self.workdir / "mosquitto.conf"
-        lines = [f"listener {self.port} 127.0.0.1",
+        # Started as root, mosquitto drops to user `mosquitto`, which cannot read the test's files: stay as we are.
+        lines = [f"user {pwd.getpwuid(os.geteuid()).pw_name}",
+                 f"listener {self.port} 127.0.0.1",
                  "max_packet_size 16777216",
                  f"log_dest file {self.workdir / 'mosquitto.log'}",
                  "log_type error", "log_type warning", "log_type notice", "log_type information"]
