@@ -1,0 +1,105 @@
+"""A zero-install MQTT broker for local simulations: amqtt in a background thread, loopback only.
+
+Why amqtt: it is pure Python and installs from PyPI, so `make demo` needs no system package. It is slower
+than Mosquitto, speaks MQTT 3.1.1 only and loses retained messages on restart (notes/mqtt.md), so it is
+for the simulator alone; tests and deployments use Mosquitto (`--broker mqtt://…`). It always binds
+127.0.0.1 (its own default would be 0.0.0.0) and allows anonymous clients, which is safe only because of that.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from concurrent.futures import Future
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedBroker:
+    """Start/stop/restart an amqtt broker on 127.0.0.1:`port` (a free port by default)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or _free_port()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._broker = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def _config(self) -> dict:
+        return {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}", "max_connections": 0}},
+            # Only the auth plugin: amqtt refuses every client without one; the $SYS and packet-logging
+            # plugins cost CPU we would rather give to training.
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+
+    def start(self, timeout: float = 15.0) -> "EmbeddedBroker":
+        if self._thread is not None:
+            raise RuntimeError("embedded broker already running")
+        # amqtt logs every connection at INFO; keep the simulator's terminal for progress output.
+        for name in ("amqtt", "transitions"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        ready: Future = Future()
+        self._loop = asyncio.new_event_loop()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._loop.run_until_complete(self._start_async())
+                ready.set_result(True)
+            except BaseException as exc:  # surfaced to the caller through the future
+                ready.set_exception(exc)
+                return
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="embedded-mqtt-broker", daemon=True)
+        self._thread.start()
+        try:
+            ready.result(timeout)
+        except Exception as exc:
+            self._thread = None
+            raise RuntimeError(f"embedded MQTT broker failed to start on 127.0.0.1:{self.port}: {exc}") from exc
+        log.info("embedded MQTT broker listening on %s", self.url)
+        return self
+
+    async def _start_async(self) -> None:
+        from amqtt.broker import Broker
+
+        self._broker = Broker(self._config())
+        await self._broker.start()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self._thread is None or self._loop is None:
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop)
+        try:
+            fut.result(timeout)
+        except Exception as exc:  # a failed shutdown must not leave the thread behind
+            log.warning("embedded broker shutdown: %s", exc)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+        self._loop.close()
+        self._thread = self._loop = self._broker = None
+
+    def restart(self, downtime: float = 0.0) -> None:
+        import time
+
+        self.stop()
+        time.sleep(downtime)
+        self.start()
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
