@@ -22,11 +22,18 @@ $(STAMP): pyproject.toml Makefile
 	@! $(PY) -m pip show onnxruntime >/dev/null 2>&1 || { echo "error: mainline onnxruntime is installed in $(VENV); remove it (pip uninstall onnxruntime) and reinstall onnxruntime-training-cpu" >&2; exit 1; }
 	@touch $(STAMP)
 
-# Mosquitto is the real broker used by the tests and deployments. apt-get update runs once, only when needed.
+# System packages: Mosquitto (the real broker of tests and deployments) and the Fashion-MNIST data files.
+# apt-get update runs once, and only when something is missing.
+APT_PKGS := mosquitto mosquitto-clients dataset-fashion-mnist
 system-deps:
-	@command -v mosquitto >/dev/null 2>&1 && command -v mosquitto_passwd >/dev/null 2>&1 || { \
-	  echo "installing mosquitto (apt)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
+	@missing=""; \
+	command -v mosquitto >/dev/null 2>&1 || missing="$$missing mosquitto"; \
+	command -v mosquitto_passwd >/dev/null 2>&1 || missing="$$missing mosquitto-clients"; \
+	test -d /usr/share/datasets/fashion-mnist || missing="$$missing dataset-fashion-mnist"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
+	fi
 
 demo: setup
 	$(PY) -m simulator.demo
