@@ -1,6 +1,7 @@
-"""Device-side subcommands of `fedatt`: `fedatt inspect BUNDLE` (the lead adds `fedatt device`).
+"""Device-side subcommands of `fedatt`: `fedatt inspect BUNDLE` and `fedatt device` (run one real device).
 
-Torch-free; imports only edge_sdk.bundle (json/hashlib/numpy).
+Torch-free; imports only edge_sdk.bundle (json/hashlib/numpy) at import time; `fedatt device` loads the
+client (paho, ORT) when it runs.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bundle", metavar="BUNDLE", help="bundle directory")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of tables")
     p.set_defaults(func=inspect_command)
+    _register_device(sub)
 
 
 def _shape(shape: list) -> str:
@@ -82,4 +84,102 @@ def inspect_command(args: argparse.Namespace) -> int:
         print(f"\nVERIFICATION FAILED ({failure.reason}): {failure.detail}", file=sys.stderr)
         return 1
     print("\nverified: all file digests and the model_id match")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ fedatt device
+def _register_device(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "device", help="run one device: follow rounds, train locally, publish privatised updates",
+        description="Run one real device until Ctrl-C: follow the fleet's retained round task and global model, "
+                    "train on local data with ONNX Runtime, clip + noise the update (local DP), track the privacy "
+                    "budget in STATE_DIR and publish with MQTT QoS 1. Logs one line per round.")
+    p.add_argument("--bundle", required=True, metavar="DIR", help="bundle directory (from `fedatt export`)")
+    p.add_argument("--data", required=True, metavar="FILE.npz", help="local data: arrays `x` and `y` (no pickle)")
+    p.add_argument("--broker", required=True, metavar="URL", help="mqtt://host[:port] or mqtts://host[:port]")
+    p.add_argument("--device-id", required=True, help="device id (also the MQTT client id and username)")
+    p.add_argument("--fleet", required=True, help="fleet id")
+    p.add_argument("--state-dir", required=True, metavar="DIR", help="privacy ledger and outbox (keep it!)")
+    p.add_argument("--username", help="MQTT username (default: the device id when a password is given)")
+    p.add_argument("--password-file", metavar="FILE", help="file holding the MQTT password (first line)")
+    p.add_argument("--ca", metavar="FILE", help="CA certificate(s) for mqtts:// (default: system trust store)")
+    p.add_argument("--cert", metavar="FILE", help="client certificate for mutual TLS")
+    p.add_argument("--key", metavar="FILE", help="client private key for mutual TLS")
+    p.add_argument("--tls-insecure", action="store_true", help="skip TLS hostname checks (test rigs only)")
+    p.add_argument("--epsilon-budget", type=float, default=8.0, help="privacy budget ε (default 8)")
+    p.add_argument("--delta", type=float, default=1e-5, help="δ of the accounting (default 1e-5)")
+    p.add_argument("--adjacency", choices=("add_remove", "replace_one"), default="add_remove")
+    p.add_argument("--encoding", choices=("f32", "int8"), default="f32", help="preferred update encoding")
+    p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for training")
+    p.set_defaults(func=device_command)
+
+
+def load_npz(path: str) -> tuple:
+    """x, y from an .npz file, never unpickling anything."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as f:
+        missing = {"x", "y"} - set(f.files)
+        if missing:
+            raise ValueError(f"{path} must hold arrays x and y; missing {sorted(missing)} (has {f.files})")
+        x, y = f["x"], f["y"]
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"{path}: x has {len(x)} rows and y {len(y)}; need the same, non-zero number")
+    return x, y
+
+
+def device_command(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from edge_sdk.client import EdgeClient
+    from edge_sdk.config import ClientConfig, ConfigError
+
+    password = None
+    if args.password_file:
+        with open(args.password_file, encoding="utf-8") as f:
+            password = f.readline().rstrip("\r\n")
+    username = args.username or (args.device_id if password is not None else None)
+    try:
+        bundle = Bundle.load(args.bundle)
+        data = load_npz(args.data)
+        config = ClientConfig(
+            device_id=args.device_id, fleet=args.fleet, broker=args.broker, state_dir=args.state_dir,
+            username=username, password=password, ca_file=args.ca, cert_file=args.cert, key_file=args.key,
+            tls_insecure=args.tls_insecure, threads=args.threads, epsilon_budget=args.epsilon_budget,
+            delta=args.delta, adjacency=args.adjacency, encoding=args.encoding)
+    except (BundleError, ConfigError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    def show(r) -> None:
+        eps = "n/a" if r.epsilon is None else f"{r.epsilon:.4g}/{config.epsilon_budget:g}"
+        if r.status == "published":
+            loss = "n/a" if r.train_loss is None else f"{r.train_loss:.4f}"
+            print(f"round {r.round} (attempt {r.attempt}): published{' (resent)' if r.detail else ''} "
+                  f"update {r.update_id} examples={r.num_examples} loss={loss} bytes={r.bytes} ε={eps}", flush=True)
+        else:
+            print(f"round {r.round} (attempt {r.attempt}): skipped ({r.reason}{': ' + r.detail if r.detail else ''}) "
+                  f"ε={eps}", flush=True)
+
+    stop = threading.Event()
+    # systemd and container runtimes stop with SIGTERM: shut down as cleanly as on Ctrl-C
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        client = EdgeClient(config, bundle, data, on_round_result=show)
+    except Exception as exc:  # ledger mismatch/corruption, state_dir in use, ...
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"device {config.device_id} in fleet {config.fleet}: model {bundle.model_id[:19]}…, "
+          f"{len(data[0])} examples, ε spent {client.ledger.epsilon:.4g} of {config.epsilon_budget:g}; "
+          f"connecting to {config.broker} (Ctrl-C to stop)", flush=True)
+    client.start()
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.stop()
+    print("stopped", flush=True)
     return 0
