@@ -36,11 +36,11 @@ from typing import Any, Callable, Iterable, Union
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_sdk import wire
 from edge_sdk.bundle import Bundle
 from edge_sdk.config import ClientConfig
+from edge_sdk.connection import new_client
 from edge_sdk.follower import (ForgetEntries, Note, Publish, Release, Report, RoundFollower, RoundResult,
                                RoundSpec, StartTraining, TrainOutcome, UpdateEntry)
 from edge_sdk.outbox import Outbox
@@ -170,15 +170,11 @@ class EdgeClient:
     # ---- paho setup and callbacks (translate only) ---------------------------------------------------
     def _make_mqtt(self) -> mqtt.Client:
         cfg = self.config
-        c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=cfg.device_id,
-                        clean_session=False, protocol=mqtt.MQTTv311)
-        if cfg.username is not None:
-            c.username_pw_set(cfg.username, cfg.password)
         ctx = cfg.ssl_context()
-        if ctx is not None:
-            c.tls_set_context(ctx)
-            if cfg.tls_insecure:
-                c.tls_insecure_set(True)
+        c = new_client(cfg.device_id, clean_session=False, username=cfg.username, password=cfg.password,
+                       ssl_context=ctx)
+        if ctx is not None and cfg.tls_insecure:
+            c.tls_insecure_set(True)
         c.will_set(self.topics.status(cfg.device_id), self._status("offline"), qos=1, retain=True)
         c.reconnect_delay_set(min_delay=cfg.reconnect_min, max_delay=cfg.reconnect_max)  # type: ignore[arg-type]
         c.max_queued_messages_set(0)

@@ -13,14 +13,11 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urlsplit
 
 from edge_sdk import wire
+from edge_sdk.connection import BrokerAddress, BrokerURLError, parse_broker_url, tls_context
 
 __all__ = ["ClientConfig", "ConfigError", "BrokerAddress", "always"]
-
-SCHEMES = {"mqtt": (1883, False), "mqtts": (8883, True)}
-
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and what is expected."""
@@ -29,13 +26,6 @@ class ConfigError(ValueError):
 def always() -> bool:
     """Default eligibility callback: eligible."""
     return True
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
 
 
 @dataclass(frozen=True)
@@ -115,20 +105,10 @@ class ClientConfig:
 
     @property
     def address(self) -> BrokerAddress:
-        parts = urlsplit(self.broker)
-        if parts.scheme not in SCHEMES:
-            raise ConfigError(f"broker must be mqtt://host[:port] or mqtts://host[:port], got {self.broker!r}")
-        if not parts.hostname:
-            raise ConfigError(f"broker URL {self.broker!r} has no host")
-        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-            raise ConfigError(f"broker URL {self.broker!r}: only scheme, host and port are allowed "
-                              "(credentials go in username/password)")
-        default_port, tls = SCHEMES[parts.scheme]
         try:
-            port = parts.port or default_port
-        except ValueError:
-            raise ConfigError(f"broker URL {self.broker!r} has an invalid port") from None
-        return BrokerAddress(parts.hostname, port, tls)
+            return parse_broker_url(self.broker)
+        except BrokerURLError as exc:
+            raise ConfigError(str(exc)) from None
 
     def ineligibility(self) -> str | None:
         """None when the app's callbacks all say yes, else which one said no (a callback that raises counts as no)."""
@@ -146,12 +126,7 @@ class ClientConfig:
         """The TLS context for mqtts:// (None for mqtt://): system CAs or ca_file, optional client certificate."""
         if not self.address.tls:
             return None
-        ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
-        if self.cert_file:
-            ctx.load_cert_chain(str(self.cert_file), str(self.key_file) if self.key_file else None)
-        if self.tls_insecure:
-            ctx.check_hostname = False
-        return ctx
+        return tls_context(self.ca_file, self.cert_file, self.key_file, self.tls_insecure)
 
     def __repr__(self) -> str:  # never print the password
         return (f"ClientConfig(device_id={self.device_id!r}, fleet={self.fleet!r}, broker={self.broker!r}, "

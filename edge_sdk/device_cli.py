@@ -134,11 +134,13 @@ def device_command(args: argparse.Namespace) -> int:
 
     from edge_sdk.client import EdgeClient
     from edge_sdk.config import ClientConfig, ConfigError
+    from edge_sdk.connection import read_secret
 
-    password = None
-    if args.password_file:
-        with open(args.password_file, encoding="utf-8") as f:
-            password = f.readline().rstrip("\r\n")
+    try:
+        password = read_secret(args.password_file) if args.password_file else None
+    except (OSError, ValueError) as exc:
+        print(f"error: --password-file: {exc}", file=sys.stderr)
+        return 2
     username = args.username or (args.device_id if password is not None else None)
     try:
         bundle = Bundle.load(args.bundle)
