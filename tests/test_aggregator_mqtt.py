@@ -120,14 +120,20 @@ def raw_client(broker, user: str, password: str) -> mqtt.Client:
 
 def test_rounds_complete_and_model_improves(tmp_path, secure_broker, bundle, data):
     broker, creds = secure_broker
+    from tests.mosquitto import free_port
+
+    metrics_port = free_port()
     service = AggregatorService(engine_config(bundle), bundle, tmp_path / "state",
                                 MqttSettings(broker.url, "fedatt-aggregator", creds["fedatt-aggregator"]),
-                                max_rounds=6)
+                                max_rounds=6, metrics_port=metrics_port)
     initial = accuracy(bundle, service.global_model(), data)
     clients = start_devices(tmp_path, broker, creds, bundle, data)
     try:
         service.start()
         assert service.wait_for_round(6, timeout=120), f"only reached round {service.model_round}"
+        import urllib.request
+
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     finally:
         service.stop()
         for c in clients:
@@ -138,6 +144,11 @@ def test_rounds_complete_and_model_improves(tmp_path, secure_broker, bundle, dat
     assert all(abs(sum(w[next(iter(w))] for w in s.weights.values()) - 1) < 1e-6 for s in service.summaries)
     # Learned something real: well above the 0.5 majority baseline and above the initial model.
     assert final >= max(initial + 0.15, 0.7), (initial, final)
+    # The Prometheus endpoint reports what happened.
+    assert f'fedatt_rounds_closed_total{{fleet="{FLEET}"}} 6.0' in scraped
+    assert f'fedatt_updates_accepted_total{{fleet="{FLEET}"}} 18.0' in scraped
+    assert f'fedatt_round_duration_seconds_count{{fleet="{FLEET}"}} 6.0' in scraped
+    assert f'fedatt_devices_online{{fleet="{FLEET}"}} 3.0' in scraped
     # Each device released exactly one update per round, and its ledger says so.
     for c in clients:
         assert len(c.ledger.releases) == 6
