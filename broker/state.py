@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from edge_sdk.durable import atomic_write, fsync_dir, write_synced
 import safetensors.numpy as st
 
 log = logging.getLogger(__name__)
@@ -232,30 +234,9 @@ def _json(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+# Module-level names (not direct calls into edge_sdk.durable) so tests can inject failures per step.
+_write_durable = write_synced
+_replace_durable = atomic_write
+_fsync_dir = fsync_dir
 
 
-def _replace_durable(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
-    try:
-        _write_durable(tmp, data)
-        os.replace(tmp, path)
-    except OSError:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -44,7 +44,6 @@ import json
 import math
 import os
 import secrets
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,6 +51,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from edge_sdk.durable import atomic_write as _atomic_write
 
 __all__ = [
     "ADJACENCIES", "PrivatizeInfo", "clip_l2", "privatize", "secure_rng", "os_standard_normal",
@@ -454,38 +455,6 @@ def _number(obj: Mapping[str, Any], name: str, lo: float, hi: float, *, strict_l
     if not math.isfinite(v) or v < lo or v > hi or (strict_low and v == lo):
         raise ValueError(f"{name}={v!r} is outside {'(' if strict_low else '['}{lo}, {hi}]")
     return v
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable. Not possible on Windows (directories cannot be opened): skip there.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write tmp file in the same directory, flush + fsync, os.replace, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 class PrivacyLedger:

@@ -12,12 +12,14 @@ Layout of a run directory (one subdirectory per strategy compared on the same fl
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from edge_sdk.durable import atomic_write
 
 
 @dataclass
@@ -46,31 +48,21 @@ SCALAR_FIELDS = ("round", "accuracy", "loss", "precision", "recall", "auc", "par
                  "bytes_up", "bytes_down", "eps_max", "eps_median", "attempts", "attention_entropy", "rejected")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_strategy_metrics(run_dir: Path, strategy: str, meta: dict[str, Any], rounds: Sequence[RoundRecord],
                            epsilon: dict[str, float]) -> Path:
     """Write `<run>/<strategy>/metrics.json` and `metrics.csv`; returns the strategy directory."""
     out = Path(run_dir) / strategy
     out.mkdir(parents=True, exist_ok=True)
     doc = {**meta, "strategy": strategy, "rounds": [asdict(r) for r in rounds], "epsilon": epsilon}
-    _atomic_write_text(out / "metrics.json", json.dumps(doc, indent=1, allow_nan=False, default=_json_default))
-    tmp = out / "metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(SCALAR_FIELDS)
-        for r in rounds:
-            row = asdict(r)
-            row["rejected"] = sum(r.rejections.values())
-            w.writerow(["" if row.get(k) is None else row.get(k) for k in SCALAR_FIELDS])
-    os.replace(tmp, out / "metrics.csv")
+    atomic_write(out / "metrics.json", json.dumps(doc, indent=1, allow_nan=False, default=_json_default))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(SCALAR_FIELDS)
+    for r in rounds:
+        row = asdict(r)
+        row["rejected"] = sum(r.rejections.values())
+        w.writerow(["" if row.get(k) is None else row.get(k) for k in SCALAR_FIELDS])
+    atomic_write(out / "metrics.csv", buf.getvalue())
     return out
 
 
@@ -220,5 +212,5 @@ def write_report(run_dir: Path, title: str, notes: Sequence[str] = ()) -> Path:
     parts += [f"- {n}" for n in notes]
     parts += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     path = run_dir / "report.md"
-    _atomic_write_text(path, "\n".join(parts) + "\n")
+    atomic_write(path, "\n".join(parts) + "\n")
     return path
