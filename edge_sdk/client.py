@@ -69,6 +69,9 @@ class TrainJob:
     bundle_dir: str
     data: Any  # TrainData
     threads: int = 1
+    # None (devices): shuffling and DP noise come from OS randomness. An int seeds both: simulations only,
+    # so a run can be reproduced; predictable noise gives no privacy.
+    seed: int | None = None
 
 
 _BUNDLES: dict[tuple[str, str], Bundle] = {}  # per-process cache: verifying digests every round is wasted work
@@ -87,7 +90,7 @@ def _bundle_for(path: str, model_id: str) -> Bundle:
 
 
 def run_training_job(job: TrainJob) -> TrainOutcome:
-    """Train E epochs from the global model, Δ = θ_local − θ_global, clip + noise (OS CSPRNG), encode.
+    """Train E epochs from the global model, Δ = θ_local − θ_global, clip + noise (OS CSPRNG; see TrainJob.seed), encode.
 
     Runs in a worker thread or process. Raw quantities (Δ, its norm) never leave this function; only the
     privatised, encoded payload and local metrics do.
@@ -102,12 +105,14 @@ def run_training_job(job: TrainJob) -> TrainOutcome:
     trainer = LocalTrainer(bundle, threads=job.threads)
     try:  # fresh optimizer state per round is LocalTrainer.train's contract
         trainer.set_parameters(theta_global)
-        result = trainer.train(data, epochs=spec.train.epochs, batch_size=spec.train.batch_size, lr=spec.train.lr)
+        result = trainer.train(data, epochs=spec.train.epochs, batch_size=spec.train.batch_size, lr=spec.train.lr,
+                               seed=job.seed)
         theta_local = trainer.get_parameters()
     finally:
         trainer.close()  # idle devices hold no ORT session
     delta = theta_local.astype(np.float64) - theta_global.astype(np.float64)
-    noised, info = privatize(delta, spec.privacy.clip_norm, spec.privacy.noise_multiplier)
+    noise_rng = None if job.seed is None else np.random.default_rng([job.seed, 1])  # 1: not the shuffle stream
+    noised, info = privatize(delta, spec.privacy.clip_norm, spec.privacy.noise_multiplier, rng=noise_rng)
     named = bundle.split(noised)
     msg = wire.UpdateMessage(model_id=spec.model_id, round=spec.round, device_id=spec.device_id,
                              update_id=spec.update_id, num_examples=result.num_examples,
