@@ -334,7 +334,7 @@ def _float_field(meta: Mapping[str, Any], key: str, lo: float, hi: float, strict
         raise WireError("bad_field", f"{key} must be a number")
     try:
         value = float(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON integer too large for a float
         raise WireError("bad_field", f"{key} must be a number, got {str(raw)[:32]!r}") from None
     if not math.isfinite(value) or value < lo or value > hi or (strict_low and value == lo):
         raise WireError("bad_field", f"{key}={value} outside {'(' if strict_low else '['}{lo}, {hi}]")
@@ -530,5 +530,5 @@ def decode_summary(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> RoundSumm
             bytes_in=int(obj["bytes_in"]), duration_s=float(obj["duration_s"]), late=int(obj.get("late", 0)),
             duplicates=int(obj.get("duplicates", 0)), attempt=int(obj.get("attempt", 1)),
             extra=dict(obj.get("extra", {})))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # int(1e400) -> OverflowError
         raise WireError("bad_field", f"summary: {str(exc)[:200]}") from None
