@@ -37,12 +37,6 @@ T = wire.Topics(FLEET)
 CLIP, Z = 1.0, 1.0
 
 
-@pytest.fixture(autouse=True)
-def only_when_slow_selected(request):
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("load test: run with `make soak` / `pytest -m slow`")
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     import exporter
