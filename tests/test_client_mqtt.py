@@ -23,6 +23,7 @@ from edge_sdk.client import EdgeClient, FleetDriver, run_training_job
 from edge_sdk.config import ClientConfig
 from edge_sdk.outbox import Outbox
 from edge_sdk.privacy import epsilon_for
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.mosquitto
 
@@ -45,15 +46,6 @@ def data():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((40, 10)).astype(np.float32)
     return x, (x[:, 0] > 0).astype(np.int64)
-
-
-def wait_for(cond, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def publish(port: int, topic: str, payload: bytes, retain: bool = True) -> None:

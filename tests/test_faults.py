@@ -36,6 +36,7 @@ from edge_sdk import wire
 from edge_sdk.client import EdgeClient, run_training_job
 from edge_sdk.config import ClientConfig
 from edge_sdk.privacy import PrivacyLedger
+from tests.polling import wait_for
 from tests.test_aggregator_mqtt import DEVICES, FLEET, Observer, bundle, data, engine_config, secure_broker  # noqa: F401
 
 pytestmark = pytest.mark.mosquitto
@@ -43,15 +44,6 @@ pytestmark = pytest.mark.mosquitto
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 FIGURES: dict = {}
-
-
-def wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def devices(tmp_path, broker, creds, bundle, data, runner=None, names=DEVICES, fleet=FLEET) -> list[EdgeClient]:

@@ -30,6 +30,7 @@ import pytest
 
 from broker.credentials import add_device
 from edge_sdk import wire
+from tests.polling import wait_for
 from tests.mosquitto import Mosquitto, free_port
 from tests.tls import have_openssl, make_tls, render_deploy_conf
 
@@ -146,15 +147,6 @@ class Client:
             self.c.disconnect()
         finally:
             self.c.loop_stop()
-
-
-def wait_for(cond, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def model_bytes(value: float, round_: int = 0) -> bytes:
