@@ -454,7 +454,8 @@ class RoundEngine:
 
     # ------------------------------------------------------------------------------------- internals
     def _publish_model(self, now: float) -> Publish:
-        # A checkpointed model keeps its close time, so a restart re-publishes byte-identical retained bytes.
+        # A checkpointed model keeps its close time, so a restart re-publishes the same tensors and `created`
+        # (not byte-identical: safetensors writes the metadata map in a per-process hash order).
         msg = wire.ModelMessage(model_id=self.config.model_id, round=self._model_round, tensors=self._global,
                                 created=self._model_created or now)
         return Publish(self.topics.model, wire.encode_model(msg), retain=True)

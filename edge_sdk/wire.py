@@ -56,6 +56,9 @@ class Limits:
     max_tensors: int = 4096
     max_tensor_rank: int = 8
     max_json_bytes: int = 256 * 1024
+    # Round summaries list a weight per device and layer and go to operators, not devices: a 1,000-device round
+    # with a few layers is ~0.4 MB, so they get their own, larger bound.
+    max_summary_bytes: int = 8 * 1024 * 1024
     max_cohort: int = 10_000
     max_round: int = 2**53  # JSON-safe integer
 
@@ -423,8 +426,9 @@ def _json_bytes(obj: dict) -> bytes:
 def _load_json(payload: bytes, kind: str, limits: Limits) -> dict:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise WireError("bad_container", f"payload must be bytes, got {type(payload).__name__}")
-    if len(payload) > limits.max_json_bytes:
-        raise WireError("too_large", f"{len(payload)} bytes > limit {limits.max_json_bytes}")
+    limit = limits.max_summary_bytes if kind == KIND_SUMMARY else limits.max_json_bytes
+    if len(payload) > limit:
+        raise WireError("too_large", f"{len(payload)} bytes > limit {limit}")
     try:
         obj = json.loads(bytes(payload).decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
