@@ -50,6 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fedatt inspect B | head`: the reader left; not an error of ours
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error while flushing at exit
+        return 0
     except ModuleNotFoundError as exc:
         extra = {"torch": "export", "onnx": "export", "matplotlib": "sim", "amqtt": "sim",
                  "prometheus_client": "broker", "tqdm": "sim"}.get((exc.name or "").split(".")[0])
