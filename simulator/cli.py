@@ -100,6 +100,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--broker-restart-at", type=int, action="append", default=[], metavar="ROUND",
                    help="restart the embedded broker after ROUND closes (retained messages are lost; the "
                         "aggregator re-publishes them); repeatable")
+    h.add_argument("--byzantine", default=None, metavar="FRACTION:KIND[:SCALE]",
+                   help="a seeded FRACTION of devices replace their local training result before the SDK's clip "
+                        "and noise: KIND flip (-Δ) or random (Gaussian direction), given norm SCALE x clip norm "
+                        "(default 1; SCALE > 1 = a modified SDK that skips the clip)")
     o = p.add_argument_group("run")
     o.add_argument("--broker", default=None, metavar="URL",
                    help="mqtt://host:port of an external broker, e.g. Mosquitto (default: embedded amqtt on 127.0.0.1)")
@@ -122,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         dropout=args.dropout, speed_spread=args.speed_spread, late_prob=args.late_prob, late_delay=args.late_delay,
         eligible_fraction=args.eligible_fraction, window_period=args.window_period,
         join_at=tuple(args.join_at), leave_at=tuple(args.leave_at), broker_restart_at=tuple(args.broker_restart_at),
+        byzantine=args.byzantine,
         out=args.out or Path("runs") / args.dataset, progress=not args.no_progress)
 
 

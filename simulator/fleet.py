@@ -18,6 +18,12 @@ run is reproducible and the same fault hits the same device in every strategy of
              driver holds its socket writes until `late_delay` s after the round's deadline, so the update
              reaches the aggregator after the round closed and is counted late (real bytes, real broker).
 * join/leave: the fleet starts some devices later and stops others mid-run (`Fleet.connect`/`disconnect`).
+* byzantine: a seeded set of devices (`Byzantine`, `--byzantine FRACTION:KIND[:SCALE]`) runs the real SDK
+             job (`run_byzantine_job`) with its *local training result* Δ replaced before privatisation:
+             `flip` sends −Δ, `random` a Gaussian direction; the replacement is given norm SCALE·C (default
+             SCALE = 1: at the clip norm, so the SDK's clip leaves it there). SCALE > 1 models a modified SDK
+             that skips the clip: the update arrives with norm SCALE·C (the noise std stays z·C). The device's
+             ledger, MQTT identity and wire format are untouched; the aggregator cannot tell.
 
 Simulator-only: TrainJobs get a seed derived from (run seed, device, round), so shuffling and DP noise are
 reproducible. A real device leaves `TrainJob.seed` at None and draws its noise from the OS CSPRNG; seeded
@@ -45,7 +51,7 @@ import numpy as np
 from edge_sdk.client import EdgeClient, TrainJob, run_training_job
 from edge_sdk.config import ClientConfig
 
-__all__ = ["DatasetSpec", "PartitionRef", "Heterogeneity", "VirtualDevice", "SimRunner", "SimDriver", "Fleet",
+__all__ = ["Byzantine", "run_byzantine_job", "DatasetSpec", "PartitionRef", "Heterogeneity", "VirtualDevice", "SimRunner", "SimDriver", "Fleet",
            "unit_draw", "derive_seed"]
 
 log = logging.getLogger(__name__)
@@ -111,6 +117,58 @@ class PartitionRef:
 
 
 # ---------------------------------------------------------------------------------- heterogeneity
+@dataclass(frozen=True)
+class Byzantine:
+    """A seeded `fraction` of the devices (at least one if fraction > 0) send manipulated updates."""
+
+    fraction: float = 0.0
+    kind: str = "flip"  # flip | random
+    scale: float = 1.0  # norm of the manipulated update in units of the clip norm C
+
+    KINDS = ("flip", "random")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise ValueError(f"byzantine fraction must be in [0, 1), got {self.fraction}")
+        if self.kind not in self.KINDS:
+            raise ValueError(f"byzantine kind must be one of {self.KINDS}, got {self.kind!r}")
+        if not self.scale > 0:
+            raise ValueError("byzantine scale must be > 0")
+
+    def choose(self, device_ids: list[str], seed: int) -> list[str]:
+        if self.fraction <= 0:
+            return []
+        k = max(1, round(self.fraction * len(device_ids)))
+        return sorted(sorted(device_ids, key=lambda d: unit_draw(seed, "byzantine", d))[:k])
+
+
+def run_byzantine_job(job: TrainJob, kind: str, scale: float) -> Any:
+    """The SDK's `run_training_job` with Δ replaced before clip + noise (runs in a worker process).
+
+    Only `edge_sdk.client.privatize` is wrapped for the duration of this call (a process-pool worker runs
+    one job at a time), so training, encoding and everything after privatisation are the real SDK code.
+    """
+    import edge_sdk.client as ec
+
+    real = ec.privatize
+    mrng = np.random.default_rng([job.seed if job.seed is not None else 0, 7])  # 7: not shuffle/noise
+
+    def manipulated(delta: np.ndarray, clip_norm: float, noise_multiplier: float, rng: Any = None) -> Any:
+        d = np.asarray(delta, dtype=np.float64)
+        v = -d if kind == "flip" else mrng.standard_normal(d.shape)
+        norm = float(np.linalg.norm(v))
+        target = scale * clip_norm
+        v = v * (target / norm) if norm > 0 else v
+        # scale > 1: the clip is skipped (clip at the larger norm), the noise std stays z·C
+        return real(v, max(clip_norm, target), noise_multiplier * clip_norm / max(clip_norm, target), rng=rng)
+
+    ec.privatize = manipulated
+    try:
+        return run_training_job(job)
+    finally:
+        ec.privatize = real
+
+
 @dataclass(frozen=True)
 class Heterogeneity:
     """How devices differ and fail; see the module docstring for the model."""
@@ -244,7 +302,9 @@ class SimRunner(cf.Executor):
     the worker finished (device speed). The delay is a timer in the main process, so it costs no worker.
     """
 
-    def __init__(self, pool: cf.Executor, seed: int, delay: Callable[[str], float], timers: _Timers) -> None:
+    def __init__(self, pool: cf.Executor, seed: int, delay: Callable[[str], float], timers: _Timers,
+                 byzantine: dict[str, Byzantine] | None = None) -> None:
+        self.byzantine = byzantine or {}
         self.pool = pool
         self.seed = seed
         self.delay = delay
@@ -259,7 +319,9 @@ class SimRunner(cf.Executor):
         outer: cf.Future = cf.Future()
         outer.set_running_or_notify_cancel()
         self.jobs += 1
-        inner = self.pool.submit(run_training_job, job)
+        byz = self.byzantine.get(job.spec.device_id)
+        inner = (self.pool.submit(run_byzantine_job, job, byz.kind, byz.scale) if byz is not None
+                 else self.pool.submit(run_training_job, job))
         extra = self.delay(job.spec.device_id)
 
         def finished(f: cf.Future) -> None:
@@ -410,11 +472,14 @@ class Fleet:
     @classmethod
     def build(cls, *, fleet: str, broker_url: str, bundle_dir: Path, state_root: Path, spec: DatasetSpec,
               sizes: dict[str, int], seed: int, hetero: Heterogeneity, pool: cf.Executor,
-              epsilon_budget: float, delta: float, encoding: str) -> "Fleet":
+              epsilon_budget: float, delta: float, encoding: str,
+              byzantine: Byzantine | None = None) -> "Fleet":
         driver = SimDriver()
         devices = {cid: VirtualDevice(cid, Path(state_root) / cid, PartitionRef(spec, cid), n, seed, hetero)
                    for cid, n in sizes.items()}
-        runner = SimRunner(pool, seed, lambda d: devices[d].extra_delay, driver.timers)
+        bad = byzantine.choose(list(sizes), seed) if byzantine is not None else []
+        runner = SimRunner(pool, seed, lambda d: devices[d].extra_delay, driver.timers,
+                           byzantine={d: byzantine for d in bad} if byzantine is not None else None)
         return cls(fleet=fleet, broker_url=broker_url, bundle_dir=Path(bundle_dir), devices=devices, driver=driver,
                    runner=runner, epsilon_budget=epsilon_budget, delta=delta, encoding=encoding)
 

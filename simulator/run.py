@@ -77,6 +77,7 @@ class SimConfig:
     join_at: tuple[tuple[int, int], ...] = ()  # (after round, count)
     leave_at: tuple[tuple[int, int], ...] = ()
     broker_restart_at: tuple[int, ...] = ()
+    byzantine: str | None = None  # "FRACTION:KIND[:SCALE]" (simulator/fleet.py Byzantine)
     out: Path = Path("runs/sim")
     progress: bool = True
     title: str | None = None
@@ -98,6 +99,7 @@ class SimConfig:
             raise SimulationError("workers must be >= 1")
         if self.encoding not in ("f32", "int8"):
             raise SimulationError("encoding must be f32 or int8")
+        parse_byzantine(self.byzantine)  # fail before anything starts
 
     def hetero(self) -> Heterogeneity:
         return Heterogeneity(dropout=self.dropout, speed_spread=self.speed_spread, late_prob=self.late_prob,
@@ -230,6 +232,21 @@ def _quorum_and_cohort(cfg: SimConfig, n_online: int, min_online_possible: int) 
 
 
 # ------------------------------------------------------------------------------------ one strategy
+def parse_byzantine(text: str | None) -> Any:
+    """"FRACTION:KIND[:SCALE]" -> fleet.Byzantine (None: no byzantine devices)."""
+    from simulator.fleet import Byzantine
+
+    if not text:
+        return None
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError("expected FRACTION:KIND[:SCALE]")
+        return Byzantine(fraction=float(parts[0]), kind=parts[1], scale=float(parts[2]) if len(parts) == 3 else 1.0)
+    except ValueError as exc:
+        raise SimulationError(f"--byzantine {text!r}: {exc}") from None
+
+
 def run_strategy(cfg: SimConfig, strategy: str, ds: Any, spec: DatasetSpec, bundle_dir: Path, broker_url: str,
                  pool: cf.Executor, restart_broker: Callable[[], None] | None = None,
                  fleet_name: str | None = None) -> list[RoundRecord]:
@@ -265,7 +282,7 @@ def run_strategy(cfg: SimConfig, strategy: str, ds: Any, spec: DatasetSpec, bund
     fleet = Fleet.build(fleet=fleet_name, broker_url=broker_url, bundle_dir=bundle_dir, state_root=sdir / "devices",
                         spec=spec, sizes={c: len(y) for c, (_, y) in ds.clients.items()}, seed=cfg.seed,
                         hetero=cfg.hetero(), pool=pool, epsilon_budget=cfg.epsilon_budget, delta=cfg.delta,
-                        encoding=cfg.encoding)
+                        encoding=cfg.encoding, byzantine=parse_byzantine(cfg.byzantine))
     closed: "queue.Queue[tuple[Any, dict[str, np.ndarray]]]" = queue.Queue()
     service = AggregatorService(engine, bundle, sdir / "aggregator", MqttSettings(url=broker_url),
                                 max_rounds=cfg.rounds, on_round_closed=lambda s, m: closed.put((s, m)),
