@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import resource
-import selectors
 import statistics
 import subprocess
 import sys
@@ -156,8 +155,10 @@ def latency_run(bundle: Any, k: int, rounds: int, encoding: str, workdir: Path) 
     broker = Mosquitto(workdir / "mq", extra_config="allow_anonymous true\nmax_connections -1\n"
                        "max_queued_messages 1000\nmax_inflight_messages 20\n", persistence=False).start()
     agg = None
+    from simulator.raw_fleet import ClientPump
+
     devices: list[Device] = []
-    sel = selectors.DefaultSelector()
+    fleet_pump = ClientPump()
     stats = {"connected": 0}
     events: list[tuple[str, int, float]] = []  # (kind, round, monotonic)
     summaries: dict[int, Any] = {}
@@ -170,7 +171,7 @@ def latency_run(bundle: Any, k: int, rounds: int, encoding: str, workdir: Path) 
         elif m.topic == topics.model:
             events.append(("model", wire.decode_model(m.payload).round, now))
         elif m.topic == topics.summary:
-            s = wire.decode_summary(m.payload, wire.Limits(max_json_bytes=64 * 2**20))
+            s = wire.decode_summary(m.payload)
             summaries[s.round] = s
 
     obs = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"obs-{fleet}", protocol=mqtt.MQTTv311)
@@ -189,22 +190,12 @@ def latency_run(bundle: Any, k: int, rounds: int, encoding: str, workdir: Path) 
         for i in range(k):
             d = Device(f"d{i:04d}", broker.port, payloads[i], topics, stats)
             devices.append(d)
-            sel.register(d.c.socket(), selectors.EVENT_READ, d)
+            fleet_pump.add(d.c)
         deadline = time.monotonic() + 120 + 5 * k
-        last_misc = 0.0
         while time.monotonic() < deadline and len(summaries) < rounds:
             if agg.poll() is not None and len(summaries) < rounds:
                 raise RuntimeError("aggregator exited: " + agg.stderr.read().decode()[-2000:])
-            for key, _ in sel.select(0.02):
-                key.data.c.loop_read()
-            for d in devices:
-                if d.c.want_write():
-                    d.c.loop_write()
-            now = time.monotonic()
-            if now - last_misc > 1.0:
-                last_misc = now
-                for d in devices:
-                    d.c.loop_misc()
+            fleet_pump.pump(0.02)
         time.sleep(0.2)  # let the observer see the last model
         if len(summaries) < rounds:
             raise RuntimeError(f"only {len(summaries)} of {rounds} rounds closed (connected {stats['connected']})")
@@ -212,12 +203,7 @@ def latency_run(bundle: Any, k: int, rounds: int, encoding: str, workdir: Path) 
         broker_peak = peak_rss_mib(broker.proc.pid)
         agg.wait(60)
     finally:
-        for d in devices:
-            try:
-                d.c.disconnect()
-            except Exception:
-                pass
-        sel.close()
+        fleet_pump.close()
         obs.disconnect()
         obs.loop_stop()
         if agg is not None and agg.poll() is None:

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from edge_sdk.durable import atomic_write
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -212,9 +214,7 @@ def write_result(name: str, data: dict[str, Any], *, quick: bool) -> Path:
     doc = {"benchmark": name, "quick": quick,
            "command": " ".join([Path(sys.executable).name, "-m", f"benchmarks.{name}", *sys.argv[1:]]),
            "machine": machine(), **data}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(doc, indent=1, default=_json_default) + "\n")
     return path
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import selectors
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 
 from edge_sdk import wire
 from edge_sdk.privacy import privatize
+from simulator.raw_fleet import ClientPump
 from tests.mosquitto import Mosquitto
 
 pytestmark = [pytest.mark.slow, pytest.mark.mosquitto]
@@ -118,7 +118,7 @@ def test_1000_devices_publish_one_round(tmp_path, bundle):
                        "max_queued_messages 1000\nmax_inflight_messages 20\n", persistence=False).start()
     agg = None
     devices: list[Device] = []
-    sel = selectors.DefaultSelector()
+    fleet = ClientPump()
     stats = {"connected": 0, "pubacks": 0, "first_publish": 0.0, "last_puback": 0.0}
     summary_box: list[bytes] = []
     obs = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="load-observer", protocol=mqtt.MQTTv311)
@@ -141,20 +141,10 @@ def test_1000_devices_publish_one_round(tmp_path, bundle):
         for i in range(N):
             d = Device(f"d{i:04d}", broker.port, payloads[i], stats)
             devices.append(d)
-            sel.register(d.c.socket(), selectors.EVENT_READ, d)
+            fleet.add(d.c)
         deadline = time.monotonic() + 300
-        last_misc = 0.0
         while time.monotonic() < deadline and not summary_box:
-            for key, _ in sel.select(0.05):
-                key.data.c.loop_read()
-            for d in devices:
-                if d.c.want_write():
-                    d.c.loop_write()
-            now = time.monotonic()
-            if now - last_misc > 1.0:
-                last_misc = now
-                for d in devices:
-                    d.c.loop_misc()
+            fleet.pump(0.05)
             if stats["connected"] == N and "connect_s" not in stats:
                 stats["connect_s"] = time.monotonic() - t0
         assert summary_box, f"no round summary: {stats}"
@@ -163,12 +153,7 @@ def test_1000_devices_publish_one_round(tmp_path, bundle):
         broker_rss = rss_kib(broker.proc.pid)
         agg.wait(60)
     finally:
-        for d in devices:
-            try:
-                d.c.disconnect()
-            except Exception:
-                pass
-        sel.close()
+        fleet.close()
         obs.disconnect()
         obs.loop_stop()
         if agg is not None and agg.poll() is None:
