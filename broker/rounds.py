@@ -276,6 +276,7 @@ class RoundEngine:
         self._strategy_state: dict[str, Any] = {}
         self._registry: dict[str, dict[str, Any]] = {}
         self._history: list[dict[str, Any]] = []
+        self._last_summary = b""  # encoded summary of the last closed round (re-published by start())
         self._totals: dict[str, Any] = _new_totals()
         self._online: set[str] = set()
         self._round: _OpenRound | None = None
@@ -331,6 +332,8 @@ class RoundEngine:
         actions: list[Action] = list(self._pending)
         self._pending.clear()
         actions.append(self._publish_model(now))
+        if self._last_summary:  # idempotent for subscribers: the same bytes, retained
+            actions.append(Publish(self.topics.summary, self._last_summary, retain=True))
         if self._round is not None:
             actions.append(Publish(self.topics.round, wire.encode_round(self._round.task), retain=True))
             actions.append(_log(logging.INFO, "round_republished", round=self._round.number,
@@ -425,6 +428,7 @@ class RoundEngine:
                           model=dict(self._global), strategy=self.config.strategy,
                           strategy_state=dict(self._strategy_state), registry=copy.deepcopy(self._registry),
                           history=copy.deepcopy(self._history), totals=copy.deepcopy(self._totals),
+                          last_summary=self._last_summary,
                           created=self._model_created or now)
 
     def _restore(self, ckpt: Checkpoint) -> None:
@@ -449,6 +453,7 @@ class RoundEngine:
         for entry in self._registry.values():
             entry["online"] = False  # presence comes from the retained statuses after resubscribing
         self._history = copy.deepcopy(ckpt.history)[-cfg.history_limit:]
+        self._last_summary = ckpt.last_summary
         self._totals = {**_new_totals(), **copy.deepcopy(ckpt.totals)}
         self._pending.append(_log(logging.INFO, "restored", round=self._model_round, next_round=self._model_round + 1))
 
@@ -621,12 +626,13 @@ class RoundEngine:
                                         "duplicates": r.duplicates, "closed_at": now}))
         del self._history[:-cfg.history_limit]
         self._totals["rounds_closed"] += 1
+        self._last_summary = wire.encode_summary(summary)
         self._round = None
         self._carry = None
         actions: list[Action] = [
             SaveCheckpoint(self.checkpoint(now)),  # commit point: everything below depends on it
             self._publish_model(now),
-            Publish(self.topics.summary, wire.encode_summary(summary), retain=True),
+            Publish(self.topics.summary, self._last_summary, retain=True),
             RoundClosed(summary),
             _log(logging.INFO, "round_closed", round=r.number, attempt=r.attempt, participants=len(participants),
                  rejected=sum(r.rejections.values()), late=r.late, duplicates=r.duplicates,

@@ -72,6 +72,9 @@ class Checkpoint:
     history: list[dict[str, Any]] = field(default_factory=list)
     totals: dict[str, Any] = field(default_factory=dict)  # {"accepted": n, "rejections": {reason: n}, ...}
     created: float = 0.0
+    # The encoded summary of round `round`, re-published after a restart: a kill between the checkpoint and the
+    # summary's publish would otherwise lose it (the history keeps only small per-round records).
+    last_summary: bytes = b""
 
 
 class CheckpointStore:
@@ -188,7 +191,8 @@ def _serialize(ckpt: Checkpoint) -> dict[str, bytes]:
     scalars = {k: v for k, v in ckpt.strategy_state.items() if not isinstance(v, np.ndarray)}
     state = {"format": FORMAT, "fleet": ckpt.fleet, "model_id": ckpt.model_id, "round": ckpt.round,
              "strategy": ckpt.strategy, "strategy_scalars": scalars, "registry": ckpt.registry,
-             "history": ckpt.history, "totals": ckpt.totals, "created": ckpt.created}
+             "history": ckpt.history, "totals": ckpt.totals, "created": ckpt.created,
+             "last_summary": ckpt.last_summary.decode("utf-8")}
     files = {MODEL_FILE: st.save(model, metadata={"round": str(ckpt.round), "model_id": ckpt.model_id}),
              STATE_FILE: _json(state)}
     if arrays:
@@ -225,7 +229,8 @@ def _read_generation(gen: Path) -> Checkpoint:
         return Checkpoint(fleet=state["fleet"], model_id=state["model_id"], round=int(state["round"]), model=model,
                           strategy=state["strategy"], strategy_state={**state["strategy_scalars"], **arrays},
                           registry=state["registry"], history=state["history"], totals=state["totals"],
-                          created=float(state.get("created", 0.0)))
+                          created=float(state.get("created", 0.0)),
+                          last_summary=str(state.get("last_summary", "")).encode("utf-8"))
     except Exception as exc:  # json, KeyError/TypeError on a wrong schema, safetensors' own error type
         raise CheckpointError(f"{gen}: content does not parse ({str(exc)[:200]})") from None
 

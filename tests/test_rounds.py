@@ -436,6 +436,10 @@ def test_crash_around_commit_point_never_applies_a_round_twice(tmp_path, crash_a
     if crash_after == "save":
         # Round 1 is committed: the restart announces round 2 on top of it (round 1 is not re-run).
         assert ckpt.round == 1 and (t.round, t.model_round) == (2, 1)
+        # The summary that the kill kept from going out is re-published, byte for byte, from the checkpoint.
+        [closed1] = of(acts, RoundClosed)
+        summaries = [p.payload for p in of(e2.start(T0 + 100), Publish) if p.topic == TOPICS.summary]
+        assert summaries == [wire.encode_summary(closed1.summary)]
     else:
         # Nothing committed: round 1 is run again from the initial model, so it is applied exactly once.
         assert ckpt is None and (t.round, t.model_round) == (1, 0)
