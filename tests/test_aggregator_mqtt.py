@@ -105,6 +105,17 @@ class Observer:
     def summaries(self) -> list[wire.RoundSummary]:
         return [wire.decode_summary(p) for t, p, _ in self.messages if t.endswith("/metrics")]
 
+    def summary_rounds(self) -> list[int]:
+        """Rounds whose summary arrived, each once. An aggregator restart re-publishes the last retained summary:
+        fails if a round's summary was seen with different content (that would be a second application)."""
+        by_round: dict[int, set[bytes]] = {}
+        for t, p, _ in self.messages:
+            if t.endswith("/metrics"):
+                by_round.setdefault(wire.decode_summary(p).round, set()).add(p)
+        twice = {r: len(v) for r, v in by_round.items() if len(v) > 1}
+        assert not twice, f"rounds closed twice (different summaries): {twice}"
+        return sorted(by_round)
+
     def close(self) -> None:
         self.c.disconnect()
         self.c.loop_stop()
@@ -288,14 +299,7 @@ def test_killed_aggregator_resumes_from_checkpoint(tmp_path, secure_broker, bund
         for c in clients:
             c.stop()
         observer.close()
-    # A restart re-publishes the last round's retained summary (it may have been lost by the kill): a summary seen
-    # twice must be the same bytes, i.e. a re-publication, never a second application of that round.
-    by_round: dict[int, set[bytes]] = {}
-    for t, p, _ in observer.messages:
-        if t.endswith("/metrics"):
-            by_round.setdefault(wire.decode_summary(p).round, set()).add(p)
-    assert all(len(v) == 1 for v in by_round.values()), {r: len(v) for r, v in by_round.items()}
-    rounds = sorted(by_round)
+    rounds = observer.summary_rounds()  # a summary seen twice must be a byte-identical re-publication
     # None skipped, and the restart continued from its checkpoint.
     assert rounds == list(range(1, len(rounds) + 1)), rounds
     assert max(rounds) >= killed_after + 2
