@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from broker.attention import (OnlineSoftmax, noise_aware_score, normalized_entropy, paper_score,
-                              unit_directions)
+from broker.attention import (OnlineSoftmax, fold_scaled, noise_aware_score, normalized_entropy, paper_score,
+                              sum_squares, unit_directions)
 
 Named = Mapping[str, np.ndarray]
 
@@ -95,6 +95,9 @@ class Aggregator:
     """One round's aggregation: add updates as they arrive, merge shards, finalize once."""
 
     name = ""
+    # Rules that score by ‖Δ‖ get each layer's Σ Δ² from the validation pass (see _check_update); the others
+    # check finiteness with np.isfinite, which is ~3× cheaper than a float64 sum of squares.
+    _wants_norms = False
 
     def __init__(self, global_named: Named) -> None:
         if not global_named:
@@ -127,8 +130,8 @@ class Aggregator:
         sigma = float(noise_std)
         if not math.isfinite(sigma) or sigma < 0:
             raise AggregationError(f"noise_std must be finite and >= 0, got {noise_std!r}")
-        checked = self._check_update(device_id, update)
-        self._add(device_id, checked, int(num_examples), sigma)
+        checked, sumsq = self._check_update(device_id, update)
+        self._add(device_id, checked, sumsq, int(num_examples), sigma)
         self._devices.append(device_id)
 
     def merge(self, other: Aggregator) -> None:
@@ -172,8 +175,10 @@ class Aggregator:
             raise AggregationError(f"{self.name} keeps no cross-round state")
 
     # -- helpers for subclasses
-    def _check_update(self, device_id: str, update: Named) -> dict[str, np.ndarray]:
+    def _check_update(self, device_id: str, update: Named) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         # Exact names and shapes, floats, finite values: numpy must never broadcast a wrong shape silently.
+        # Returns the arrays and each layer's Σ Δ² (0 for rules without norms): for the attention rules one pass
+        # both proves every value finite (a float32 square cannot overflow a float64 sum) and gives their scores.
         if not isinstance(update, Mapping):
             raise AggregationError(f"{device_id}: update must be a mapping of layer name to array")
         missing = self._global.keys() - update.keys()
@@ -181,17 +186,24 @@ class Aggregator:
         if missing or unknown:
             raise AggregationError(f"{device_id}: layers do not match the global model "
                                    f"(missing {sorted(missing)}, unknown {sorted(unknown)})")
-        out = {}
+        out, sumsq = {}, {}
         for name, ref in self._global.items():
             a = np.asarray(update[name])
             if a.shape != ref.shape:
                 raise AggregationError(f"{device_id}: layer {name!r} has shape {a.shape}, expected {ref.shape}")
             if not np.issubdtype(a.dtype, np.floating):
                 raise AggregationError(f"{device_id}: layer {name!r} has non-float dtype {a.dtype}")
-            if not np.isfinite(a).all():
+            if self._wants_norms:
+                ss = sum_squares(a)
+                finite = math.isfinite(ss) or bool(np.isfinite(a).all())  # the second test only to say which
+                if finite and not math.isfinite(ss):
+                    raise AggregationError(f"{device_id}: layer {name!r} has a norm beyond float64 range")
+            else:
+                ss, finite = 0.0, bool(np.isfinite(a).all())
+            if not finite:
                 raise AggregationError(f"{device_id}: layer {name!r} contains NaN or Inf")
-            out[name] = a
-        return out
+            out[name], sumsq[name] = a, ss
+        return out, sumsq
 
     def _params(self) -> dict[str, Any]:
         return {}
@@ -199,7 +211,8 @@ class Aggregator:
     def _after_finalize(self, step: dict[str, np.ndarray]) -> None:
         pass
 
-    def _add(self, device_id: str, update: dict[str, np.ndarray], n: int, sigma: float) -> None:
+    def _add(self, device_id: str, update: dict[str, np.ndarray], sumsq: dict[str, float], n: int,
+             sigma: float) -> None:
         raise NotImplementedError
 
     def _merge(self, other: Any) -> None:
@@ -219,9 +232,9 @@ class FedAvgAggregator(Aggregator):
         self._sum = {k: np.zeros_like(v) for k, v in self._global.items()}
         self._n: dict[str, int] = {}
 
-    def _add(self, device_id, update, n, sigma):
+    def _add(self, device_id, update, sumsq, n, sigma):
         for k, a in update.items():
-            self._sum[k] += n * a.astype(np.float64)
+            fold_scaled(self._sum[k], a, float(n))
         self._n[device_id] = n
 
     def _merge(self, other):
@@ -240,13 +253,15 @@ class FedAttAggregator(Aggregator):
     """fedatt (Ji et al. 2019): per layer θ + ε·Σ_k softmax_k(‖Δ_k‖)·Δ_k, streaming via an online softmax."""
 
     name = "fedatt"
+    _wants_norms = True
+    _plain_sum = False  # the noise-aware subclass also needs Σ Δ_k, folded in the same pass
 
     def __init__(self, global_named: Named, *, eps: float = 1.0) -> None:
         super().__init__(global_named)
         if not (math.isfinite(eps) and eps > 0):
             raise AggregationError(f"eps must be > 0, got {eps}")
         self.eps = float(eps)
-        self._acc = {k: OnlineSoftmax(v.shape) for k, v in self._global.items()}
+        self._acc = {k: OnlineSoftmax(v.shape, plain_sum=self._plain_sum) for k, v in self._global.items()}
         # Only per-device scalar scores are kept, to report the final weights: O(K·layers), not O(K·model).
         self._scores: dict[str, dict[str, float]] = {}
         self._sigmas: dict[str, float] = {}
@@ -254,16 +269,18 @@ class FedAttAggregator(Aggregator):
     def _params(self):
         return {"eps": self.eps}
 
-    def _score(self, name: str, delta: np.ndarray, sigma: float) -> float:
+    def _score(self, name: str, delta: np.ndarray, sumsq: float, sigma: float) -> float:
         # The paper's rule ignores noise_std on purpose: it is the baseline the noise-aware rule is measured against.
-        return paper_score(delta)
+        return paper_score(delta, sumsq=sumsq)
 
-    def _add(self, device_id, update, n, sigma):
-        scores = {}
+    def _add(self, device_id, update, sumsq, n, sigma):
+        # Every score before any fold: a refused update must leave no partial trace in the running sums.
+        scores = {k: self._score(k, a, sumsq[k], sigma) for k, a in update.items()}
+        bad = sorted(k for k, s in scores.items() if not math.isfinite(s))
+        if bad:
+            raise AggregationError(f"{device_id}: attention score is not finite for layers {bad}")
         for k, a in update.items():
-            s = self._score(k, a, sigma)
-            self._acc[k].add(s, a)
-            scores[k] = s
+            self._acc[k].add(scores[k], a)
         self._scores[device_id] = scores
         self._sigmas[device_id] = sigma
 
@@ -283,6 +300,7 @@ class NoiseAwareAggregator(FedAttAggregator):
     """fedatt-noise-aware: bias-corrected, noise-calibrated scores, uniform floor λ, optional direction term γ."""
 
     name = "fedatt-noise-aware"
+    _plain_sum = True
 
     def __init__(self, global_named: Named, *, eps: float = 1.0, temperature: float = 1.0,
                  noise_scale: float = 1.0, floor: float = 0.1, direction_weight: float = 0.0,
@@ -296,8 +314,6 @@ class NoiseAwareAggregator(FedAttAggregator):
                 raise AggregationError(f"{key} out of range: {value}")
         self.temperature, self.noise_scale, self.floor = float(temperature), float(noise_scale), float(floor)
         self.direction_weight, self.direction_decay = float(direction_weight), float(direction_decay)
-        # The floor mixes in the plain mean of the updates: one more O(model) running sum keeps it streaming.
-        self._plain = {k: np.zeros_like(v) for k, v in self._global.items()}
         self._ema: dict[str, np.ndarray] = {}   # smoothed global step g (state carried across rounds)
         self._rounds = 0
         self._dirs: dict[str, np.ndarray | None] = {}
@@ -309,29 +325,24 @@ class NoiseAwareAggregator(FedAttAggregator):
                 "floor": self.floor, "direction_weight": self.direction_weight,
                 "direction_decay": self.direction_decay}
 
-    def _score(self, name, delta, sigma):
+    def _score(self, name, delta, sumsq, sigma):
         return noise_aware_score(delta, sigma, temperature=self.temperature, noise_scale=self.noise_scale,
-                                 direction_weight=self.direction_weight, direction=self._dirs.get(name))
-
-    def _add(self, device_id, update, n, sigma):
-        super()._add(device_id, update, n, sigma)
-        for k, a in update.items():
-            self._plain[k] += a.astype(np.float64)
+                                 direction_weight=self.direction_weight, direction=self._dirs.get(name),
+                                 sumsq=sumsq)
 
     def _merge(self, other):
         if other._rounds != self._rounds or other._ema.keys() != self._ema.keys() or any(
                 not np.array_equal(other._ema[k], self._ema[k]) for k in self._ema):
             raise AggregationError("cannot merge shards that started from different strategy state")
         super()._merge(other)
-        for k in self._plain:
-            self._plain[k] += other._plain[k]
 
     def _finalize(self):
         m = self.count
         lam = self.floor
         weights = {d: {k: (1 - lam) * self._acc[k].weight(s[k]) + lam / m for k in self._global}
                    for d, s in self._scores.items()}
-        step = {k: self.eps * ((1 - lam) * acc.mean() + lam * self._plain[k] / m) for k, acc in self._acc.items()}
+        # The floor mixes in the plain mean Σ Δ_k / m, which each OnlineSoftmax kept (plain_sum) in the same pass.
+        step = {k: self.eps * ((1 - lam) * acc.mean() + lam * acc.total / m) for k, acc in self._acc.items()}
         extra = {"scores": self._scores, "noise_std": self._sigmas,
                  "direction_used": sorted(k for k, g in self._dirs.items() if g is not None)}
         return step, weights, extra
@@ -379,7 +390,7 @@ class _Holding(Aggregator):
         super().__init__(global_named)
         self._updates: dict[str, dict[str, np.ndarray]] = {}
 
-    def _add(self, device_id, update, n, sigma):
+    def _add(self, device_id, update, sumsq, n, sigma):
         # A private copy (float32 halves the O(K·model) footprint; it is the wire's precision anyway).
         self._updates[device_id] = {k: np.array(a, dtype=np.float32) for k, a in update.items()}
 

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.attention import (OnlineSoftmax, fedatt_direct, noise_aware_direct, normalized_entropy, softmax,
-                              unit_directions)
+from broker.attention import (CHUNK, OnlineSoftmax, dot64, fedatt_direct, fold_scaled, noise_aware_direct,
+                              normalized_entropy, softmax, sum_squares, unit_directions)
 from broker.strategies import (STRATEGIES, AggregationError, fedavg_direct, make_aggregator, median_direct,
                                trimmed_mean_direct)
 
@@ -95,6 +95,46 @@ def test_noise_aware_without_noise_is_the_paper_rule_plus_floor():
     glob, ups = model(np.random.default_rng(6)), cohort(7, 6)
     new, rep = run("fedatt-noise-aware", glob, ups, floor=0.0)
     ref, _ = fedatt_direct(glob, ups)
+    assert_models_close(new, ref)
+
+
+# ----------------------------------------------------------------------- chunked float64 numerics
+@pytest.mark.parametrize("n", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 7])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_chunked_numerics_match_float64_reference(n, dtype):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(2 * n) * 3).astype(dtype)[::2]  # non-contiguous: the chunking must not assume a view
+    y = rng.standard_normal(n)
+    x64 = x.astype(np.float64)
+    assert sum_squares(x) == pytest.approx(math.fsum(x64 * x64), rel=1e-12, abs=1e-300)
+    assert dot64(x, y) == pytest.approx(math.fsum(x64 * y), rel=1e-9, abs=1e-9)
+    dst, also = rng.standard_normal(n), rng.standard_normal(n)
+    exact64 = dst + 0.3 * x64
+    # The product is formed in the input's precision (documented in fold_scaled), the sum in float64.
+    want_dst, want_also = dst + (0.3 * x).astype(np.float64), also + x64
+    fold_scaled(dst, x, 0.3, also=also)
+    np.testing.assert_array_equal(dst, want_dst)  # every chunk, including the ragged last one, folded once
+    np.testing.assert_array_equal(also, want_also)
+    np.testing.assert_allclose(dst, exact64, rtol=0, atol=float(np.abs(0.3 * x64).max(initial=0)) * 2.0 ** -23)
+    assert math.isinf(sum_squares(np.array([1.0, np.inf, 2.0], dtype)))
+
+
+@pytest.mark.parametrize("name", ["fedatt", "fedatt-noise-aware", "fedavg"])
+def test_streaming_equals_direct_on_layers_spanning_many_chunks(name):
+    rng = np.random.default_rng(31)
+    shapes = {"big.weight": (3 * CHUNK + 5,), "mid.weight": (CHUNK, 2), "bias": (3,)}
+    glob = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    ups = [{k: (rng.uniform(0.01, 3) * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+           for _ in range(5)]
+    sigmas = list(rng.uniform(0, 0.5, 5))
+    ns = [int(n) for n in rng.integers(1, 100, 5)]
+    new, _ = run(name, glob, ups, sigmas=sigmas, ns=ns)
+    if name == "fedatt":
+        ref, _ = fedatt_direct(glob, ups)
+    elif name == "fedavg":
+        ref = fedavg_direct(glob, ups, ns)
+    else:
+        ref, _ = noise_aware_direct(glob, ups, sigmas)
     assert_models_close(new, ref)
 
 
@@ -359,6 +399,9 @@ def test_validation_and_errors(name):
         agg.add("a", {**model(rng), "fc.bias": np.full(5, np.nan, np.float32)}, num_examples=1)
     with pytest.raises(AggregationError, match="non-float"):
         agg.add("a", {**model(rng), "fc.bias": np.zeros(5, np.int64)}, num_examples=1)
+    if name.startswith("fedatt"):  # finite float64 values whose squares overflow: no score exists
+        with pytest.raises(AggregationError, match="float64 range"):
+            agg.add("a", {**model(rng), "fc.bias": np.full(5, 1e200)}, num_examples=1)
     with pytest.raises(AggregationError, match="num_examples"):
         agg.add("a", model(rng), num_examples=0)
     with pytest.raises(AggregationError, match="noise_std"):
