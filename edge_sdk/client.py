@@ -58,6 +58,9 @@ Runner = Union[cf.Executor, Callable[["TrainJob"], TrainOutcome]]
 LEDGER_FILE = "privacy_ledger.json"
 OUTBOX_DIR = "outbox"
 LOCK_FILE = ".lock"
+# CONNACK reason codes that mean "these credentials will not work" (MQTT 5 numbering; paho maps 3.1.1's return
+# codes 4 and 5 onto them): 0x86 bad user name or password, 0x87 not authorized.
+AUTH_REFUSAL_CODES = (0x86, 0x87)
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -166,6 +169,10 @@ class EdgeClient:
         self._stopping = False
         self._closed = False
         self._connected = threading.Event()
+        # The broker's last CONNACK refusal for bad credentials ("Bad user name or password" / "Not authorized"),
+        # cleared by a successful connect. The client keeps retrying (an operator may fix the password file on
+        # the broker side); a CLI or app that cannot fix it itself should stop instead (`fedatt device` does).
+        self.auth_refused: str | None = None
         self._next_tick = 0.0
         self._backoff = config.reconnect_min
         self._next_connect = 0.0
@@ -196,7 +203,10 @@ class EdgeClient:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
             self._log.error("broker refused the connection: %s (check credentials/ACL)", reason_code)
+            if getattr(reason_code, "value", None) in AUTH_REFUSAL_CODES:
+                self.auth_refused = str(reason_code)
             return
+        self.auth_refused = None
         self._backoff = self.config.reconnect_min
         client.subscribe([(self.topics.model, 1), (self.topics.round, 1)])
         client.publish(self.topics.status(self.config.device_id), self._status("online"), qos=1, retain=True)

@@ -111,6 +111,8 @@ def _register_device(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adjacency", choices=("add_remove", "replace_one"), default="add_remove")
     p.add_argument("--encoding", choices=("f32", "int8"), default="f32", help="preferred update encoding")
     p.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for training")
+    p.add_argument("--keep-retrying", action="store_true",
+                   help="keep reconnecting when the broker refuses the credentials (default: exit with status 3)")
     p.set_defaults(func=device_command)
 
 
@@ -176,12 +178,21 @@ def device_command(args: argparse.Namespace) -> int:
           f"{len(data[0])} examples, ε spent {client.ledger.epsilon:.4g} of {config.epsilon_budget:g}; "
           f"connecting to {config.broker} (Ctrl-C to stop)", flush=True)
     client.start()
+    refused = None
     try:
         while not stop.wait(0.5):
-            pass
+            # A wrong password does not fix itself: retrying forever would only hide the mistake in a log.
+            if client.auth_refused and not args.keep_retrying:
+                refused = client.auth_refused
+                break
     except KeyboardInterrupt:
         pass
     finally:
         client.stop()
+    if refused:
+        print(f"error: the broker refused the credentials of {username or 'an anonymous client'}: {refused} "
+              f"(check --device-id/--username and --password-file; --keep-retrying to wait for a fix)",
+              file=sys.stderr)
+        return 3
     print("stopped", flush=True)
     return 0

@@ -9,7 +9,8 @@ file, deploy/mosquitto/acl, free loopback ports; every security directive kept v
   model is untouched;
 * a device cannot read other devices' updates or statuses;
 * EdgeClient over mqtts:// with the test CA connects and is seen online; without the CA (system trust) the
-  TLS handshake fails; plaintext MQTT on the TLS port gets no CONNACK.
+  TLS handshake fails; plaintext MQTT on the TLS port gets no CONNACK; `fedatt device` with a wrong password
+  exits with status 3 and says so instead of retrying forever.
 * No Python source of edge_sdk, broker, exporter, simulator or benchmarks uses pickle, cloudpickle, dill,
   marshal, shelve, joblib, torch.load, pandas.read_pickle or numpy.load(allow_pickle=True).
 """
@@ -308,6 +309,42 @@ def test_edge_client_over_tls_with_the_test_ca_and_not_without_it(deploy, bundle
     with socket.create_connection(("127.0.0.1", deploy.tls_port), timeout=5) as raw:
         with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
             assert s.version() in ("TLSv1.2", "TLSv1.3")
+
+
+def test_fedatt_device_exits_on_refused_credentials(deploy, bundle, tmp_path):
+    import subprocess
+    import sys
+
+    np.savez(tmp_path / "data.npz", x=np.zeros((4, 10), np.float32), y=np.zeros(4, np.int64))
+    (tmp_path / "wrong").write_text("not-the-password\n")
+    (tmp_path / "right").write_text(deploy.creds["dev-a"] + "\n")
+
+    def device(password_file: str, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edge_sdk.cli", "device", "--bundle", str(bundle.path), "--data",
+             str(tmp_path / "data.npz"), "--broker", f"mqtts://127.0.0.1:{deploy.tls_port}", "--ca",
+             str(deploy.tls.ca_crt), "--device-id", "dev-a", "--fleet", FLEET, "--state-dir",
+             str(tmp_path / "state"), "--password-file", str(tmp_path / password_file), *extra],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    proc = device("wrong")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, out + err
+    assert "refused the credentials of dev-a" in err and "Not authorized" in err, err
+    # The same device with its real password connects and runs until stopped (the refusal was the password),
+    # and --keep-retrying keeps a refused device running instead of exiting.
+    for password_file, extra in (("right", ()), ("wrong", ("--keep-retrying",))):
+        proc = device(password_file, *extra)
+        try:
+            time.sleep(4)
+            assert proc.poll() is None, proc.communicate()
+            proc.terminate()
+            out, err = proc.communicate(timeout=15)
+            assert proc.returncode == 0 and "stopped" in out, out + err
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def test_plaintext_mqtt_is_refused_on_the_tls_port(deploy):
