@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rnd.add_argument("--min-online", type=int, help="devices online before a round starts (default: quorum)")
     rnd.add_argument("--round-timeout", type=float, default=120.0, help="seconds until a round's deadline (default 120)")
     rnd.add_argument("--max-attempts", type=int, help="re-announcements before a round is abandoned (default: never)")
-    rnd.add_argument("--max-rounds", type=int, help="stop after this many more rounds (default: run until stopped)")
+    rnd.add_argument("--max-rounds", type=int,
+                     help="stop after this many more rounds, announcing none beyond them (default: run until stopped)")
     tr = p.add_argument_group("local training (announced to devices)")
     tr.add_argument("--epochs", type=int, default=1, help="local epochs per round (default 1)")
     tr.add_argument("--batch-size", type=int, default=32, help="local batch size (default 32)")
@@ -79,6 +80,9 @@ def _strategy_params(items: list[str]) -> dict:
 
 
 def run_aggregate(args: argparse.Namespace) -> int:
+    from edge_sdk._ort import block_torch
+
+    block_torch()  # before anything imports onnxruntime (Bundle.initial_parameters): saves ~230 MiB of torch
     from broker.rounds import ConfigError, EngineConfig
     from broker.service import AggregatorService, JsonLogFormatter, MqttSettings
     from broker.state import CheckpointError

@@ -13,7 +13,8 @@ Events                                            Actions (dataclasses)
   update_received(topic_device_id, payload, now)    LogEvent(level, event, fields)
 
 Commit point. Closing a round emits, in this order: SaveCheckpoint, Publish(model, retained), Publish(summary,
-retained), RoundClosed, then (if enough devices are online) the next round's Publish(round task, retained).
+retained), RoundClosed, then (if enough devices are online, and `stop_after` allows) the next round's
+Publish(round task, retained).
 The executor must stop at the first action that raises: if the checkpoint cannot be written, nothing of the
 round is published and the process should exit; the restart resumes from the previous checkpoint and runs the
 round again (its number was never published with a model, so no round is applied twice). The engine's memory
@@ -92,7 +93,7 @@ class EngineConfig:
             wire.check_id(self.fleet, "fleet")
         except wire.WireError as exc:
             raise ConfigError(str(exc)) from None
-        _require(isinstance(self.model_id, str) and bool(_MODEL_ID_RE.match(self.model_id)),
+        _require(isinstance(self.model_id, str) and bool(_MODEL_ID_RE.fullmatch(self.model_id)),
                  "model_id must be 'sha256:' + 64 lowercase hex characters")
         _require(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         max_cohort = wire.DEFAULT_LIMITS.max_cohort
@@ -283,6 +284,7 @@ class RoundEngine:
         self._carry: _Carry | None = None
         self._started = False
         self._waiting_logged = False
+        self._last_round: int | None = None  # stop_after(): no round is announced past it
         self._pending: list[Action] = []  # log events raised before start() (restore notes)
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -290,6 +292,14 @@ class RoundEngine:
             self._new_aggregator()  # validates strategy_params (and the restored state) once, now
         except AggregationError as exc:
             raise ConfigError(f"strategy {config.strategy!r}: {exc}") from None
+
+    def stop_after(self, model_round: int | None) -> None:
+        """Announce no round after `model_round` has closed (None: no limit). For runs of a fixed length
+        (`fedatt aggregate --max-rounds`, the simulator): a round announced as the aggregator stops would make
+        its cohort train and spend privacy budget on an update nobody aggregates."""
+        if model_round is not None and (not _is_int(model_round) or model_round < 0):
+            raise ConfigError(f"stop_after needs a round number >= 0, got {model_round!r}")
+        self._last_round = model_round
 
     # ------------------------------------------------------------------------------------- read-only
     @property
@@ -517,6 +527,8 @@ class RoundEngine:
 
     def _maybe_announce(self, now: float) -> list[Action]:
         if not self._started or self._round is not None:
+            return []
+        if self._last_round is not None and self._model_round >= self._last_round:
             return []
         cfg = self.config
         carry = self._carry if self._carry and self._carry.number == self._model_round + 1 else None

@@ -1,8 +1,10 @@
 """The aggregator process: MQTT glue around the sans-I/O RoundEngine, checkpoints and Prometheus metrics.
 
-Threads: paho's network thread only *translates* (connect → event, message → event) into a queue; one engine
+Threads: the MQTT network thread only *translates* (connect → event, message → event) into a queue; one engine
 thread consumes the queue in order, feeds the engine, and executes its actions in order (checkpoint before
-publish: see broker/rounds.py). The engine is never touched from two threads.
+publish: see broker/rounds.py). The engine is never touched from two threads. The network thread is
+edge_sdk.netloop.NetworkLoop (epoll), not paho's loop_start() (select): the aggregator must keep working in a
+process that holds more than 1,024 descriptors, e.g. the simulator with its thousands of device sockets.
 
 A failed checkpoint write is fatal: the service stops with an error and publishes nothing more of that round;
 a restart resumes from the last good checkpoint (systemd's Restart=on-failure does that in deployments).
@@ -28,6 +30,7 @@ from broker.state import CheckpointError, CheckpointStore
 from edge_sdk import wire
 from edge_sdk.bundle import Bundle
 from edge_sdk.connection import new_client, parse_broker_url, tls_context
+from edge_sdk.netloop import NetworkLoop
 
 log = logging.getLogger("fedatt.aggregator")
 
@@ -76,6 +79,8 @@ class AggregatorService:
         self.on_round_closed = on_round_closed
         self.mqtt_settings = mqtt_settings
         self._start_round = self.engine.model_round
+        if max_rounds is not None:  # and announce none beyond them (devices would train for nothing)
+            self.engine.stop_after(self._start_round + max_rounds)
         self._events: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._done = threading.Event()
@@ -83,6 +88,8 @@ class AggregatorService:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._client = self._make_client()
+        self._net = NetworkLoop(self._client, reconnect_min=1.0, reconnect_max=30.0,
+                                name=f"fedatt-aggregator-mqtt-{config.fleet}")
         self._global = self.engine.global_model
         self._model_round = self.engine.model_round
         self.summaries: list[wire.RoundSummary] = []
@@ -95,8 +102,7 @@ class AggregatorService:
         # clean_session=False: the broker queues updates (QoS 1) for us while we restart.
         c = new_client(s.client_id or f"fedatt-aggregator-{self.config.fleet}", clean_session=False,
                        username=s.username, password=s.password, ssl_context=ctx)
-        c.max_queued_messages_set(0)
-        c.reconnect_delay_set(1, 30)
+        c.max_queued_messages_set(0)  # reconnect backoff (1 s doubling to 30 s): see NetworkLoop in __init__
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -106,12 +112,17 @@ class AggregatorService:
         if reason_code.is_failure:
             log.error("broker refused the connection: %s", reason_code)
             return
-        client.subscribe([(self.topics.all_updates, 1), (self.topics.all_status, 1)])
+        # Statuses at QoS 0: they are retained state, and every SUBSCRIBE (each reconnect) re-sends all of them at
+        # once. At QoS 1 the broker's per-client queue limit (Mosquitto max_queued_messages 1000 + 20 in flight,
+        # EMQX's max_mqueue_len 1000) drops all but ~1,020 of them, so with a larger fleet most devices would
+        # never count as online. QoS 0 is written out as it is queued; a change missed while disconnected is
+        # re-sent by the next subscribe. Updates stay QoS 1: the broker keeps them for us while we restart.
+        client.subscribe([(self.topics.all_updates, 1), (self.topics.all_status, 0)])
         self._events.put(("connected",))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if not self._stop.is_set():
-            log.warning("disconnected from broker (%s); paho reconnects with backoff", reason_code)
+            log.warning("disconnected from broker (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self._events.put(("message", msg.topic, bytes(msg.payload)))
@@ -133,7 +144,7 @@ class AggregatorService:
                 log.warning("broker %s not reachable (%s); retrying in %.1fs", self.mqtt_settings.url, exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
-        self._client.loop_start()
+        self._net.start()
         self._thread = threading.Thread(target=self._engine_loop, name="fedatt-engine", daemon=True)
         self._thread.start()
         log.info("aggregator started", extra={"fedatt": {"fleet": self.config.fleet, "strategy": self.config.strategy,
@@ -145,10 +156,7 @@ class AggregatorService:
         self._events.put(("stop",))
         if self._thread is not None:
             self._thread.join(timeout)
-        try:
-            self._client.disconnect()
-        finally:
-            self._client.loop_stop()
+        self._net.stop(timeout=min(timeout, 5.0))  # DISCONNECT, flush what is queued, end the network thread
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until max_rounds closed, the service stopped, or a fatal error (re-raised here)."""

@@ -4,17 +4,48 @@
 `api` subpackage needs only the C extension and numpy. We register a bare package module for
 `onnxruntime.training` whose `__path__` points at the installed folder, then import `api` from it: the
 package __init__ never runs, so a phone-like install without torch (and without onnx) can train.
+
+`onnxruntime/__init__.py` itself (1.19.2) still tries `onnxruntime.training.ortmodule`, which imports torch (and
+onnx) when they are installed: ~240 MiB more per process (VmHWM 286 -> 44 MiB for `training_api()` alone).
+`block_torch()` makes torch unimportable in processes that never need it (training workers, the aggregator);
+ORT then finds no ortmodule and works unchanged.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.util
 import os
 import sys
 import types
 from types import ModuleType
+from typing import Any
 
 _TRAINING = "onnxruntime.training"
+
+
+class TorchBlocked(importlib.abc.MetaPathFinder):
+    """A meta-path finder that makes `torch` unimportable (ModuleNotFoundError, as if it were not installed)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"{name} is blocked in this process (edge_sdk._ort.block_torch): it does not "
+                                      "need torch, and importing it costs ~240 MiB", name=name)
+        return None
+
+
+def block_torch() -> bool:
+    """Make torch unimportable in this process, before onnxruntime is imported; True if it is blocked now.
+
+    A no-op returning False if torch is already imported (the process needs it, e.g. the simulator's main
+    process that exported the model). Idempotent. Use it as a process-pool initializer or first thing in an
+    entry point that never uses torch.
+    """
+    if "torch" in sys.modules:
+        return False
+    if not any(isinstance(f, TorchBlocked) for f in sys.meta_path):
+        sys.meta_path.insert(0, TorchBlocked())
+    return True
 
 
 def training_api() -> ModuleType:

@@ -46,7 +46,8 @@ from edge_sdk.follower import (ForgetEntries, Note, Publish, Release, Report, Ro
 from edge_sdk.outbox import Outbox
 from edge_sdk.privacy import BudgetExceeded, DuplicateRelease, LedgerError, PrivacyLedger, privatize
 
-__all__ = ["EdgeClient", "TrainJob", "run_training_job", "FleetDriver", "RoundResult", "TrainData"]
+__all__ = ["EdgeClient", "TrainJob", "run_training_job", "FleetDriver", "RoundResult", "TrainData",
+           "lock_state_dir", "unlock_state_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +147,13 @@ class EdgeClient:
         self._log = logging.LoggerAdapter(log, {"device": config.device_id})
         state = Path(config.state_dir)
         state.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _lock_state_dir(state)
+        self._lock_fd = lock_state_dir(state) if config.lock_state_dir else None
         try:
             self.ledger = PrivacyLedger.open(state / LEDGER_FILE, epsilon_budget=config.epsilon_budget,
                                              delta=config.delta, adjacency=config.adjacency)
             self.outbox = Outbox(state / OUTBOX_DIR)
         except BaseException:
-            _unlock(self._lock_fd)
+            unlock_state_dir(self._lock_fd)
             raise
         self.follower = RoundFollower(
             device_id=config.device_id, fleet=config.fleet, model_id=self.bundle.model_id,
@@ -513,7 +514,7 @@ class EdgeClient:
         if self._own_executor is not None:
             self._own_executor.shutdown(wait=False, cancel_futures=True)
         self._closed = True
-        _unlock(self._lock_fd)
+        unlock_state_dir(self._lock_fd)
         self._lock_fd = None
 
     close = stop
@@ -612,8 +613,12 @@ class FleetDriver:
 
 
 # ---------------------------------------------------------------------------------- state-dir lock
-def _lock_state_dir(state: Path) -> int | None:
-    """One EdgeClient per state_dir: two owners of one ledger would lose each other's releases."""
+def lock_state_dir(state: Path, owner: str = "EdgeClient") -> int | None:
+    """Lock `state` exclusively (flock on <state>/.lock, held while the returned descriptor is open).
+
+    One EdgeClient per state_dir: two owners of one ledger would lose each other's releases. RuntimeError if
+    another process or client holds it; None where flock does not exist (not POSIX: the app must ensure it).
+    """
     try:
         import fcntl
     except ImportError:  # not POSIX: rely on the app (documented)
@@ -623,13 +628,14 @@ def _lock_state_dir(state: Path) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise RuntimeError(f"state_dir {state} is in use by another EdgeClient (one device per state_dir)") from None
+        raise RuntimeError(f"state_dir {state} is in use by another {owner} (one owner per state_dir)") from None
     return fd
 
 
-def _unlock(fd: int | None) -> None:
+def unlock_state_dir(fd: int | None) -> None:
+    """Release a lock taken by `lock_state_dir` (closing the descriptor releases the flock)."""
     if fd is not None:
         try:
-            os.close(fd)  # closing the descriptor releases the flock
+            os.close(fd)
         except OSError:
             pass

@@ -59,6 +59,10 @@ class ClientConfig:
     reconnect_min: float = 1.0  # seconds: first reconnect delay, doubled up to reconnect_max
     reconnect_max: float = 60.0
     tick_interval: float = 5.0  # seconds between re-checks of eligibility while a round waits
+    # One EdgeClient per state_dir: by default the client holds an exclusive lock on <state_dir>/.lock (one open
+    # descriptor). False only when the caller already guarantees exclusive ownership, e.g. the simulator, which
+    # locks its whole fleet's state root once: 10,000 devices then need 10,000 descriptors instead of 20,000.
+    lock_state_dir: bool = True
     sdk: str = field(default="fedatt-edge/0.1")
 
     def __post_init__(self) -> None:

@@ -124,7 +124,7 @@ class Topics:
 
 
 def check_id(value: Any, what: str, reason: str = "bad_field") -> str:
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise WireError(reason, f"{what} must match {_ID_RE.pattern}, got {str(value)[:80]!r}")
     return value
 
@@ -213,7 +213,7 @@ def decode_update(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> UpdateMess
     for name, arr in tensors.items():
         _require_finite(name, arr)
     update_id = meta.get("update_id", "")
-    if not _UPDATE_ID_RE.match(update_id):
+    if not _UPDATE_ID_RE.fullmatch(update_id):
         raise WireError("bad_field", "update_id must be 32 lowercase hex characters")
     return UpdateMessage(
         model_id=_model_id(meta), round=_int_field(meta, "round", 1, limits.max_round, text=True),
@@ -311,7 +311,7 @@ def _require_finite(name: str, arr: np.ndarray) -> None:
 
 def _model_id(meta: Mapping[str, Any]) -> str:
     mid = meta.get("model_id")
-    if not isinstance(mid, str) or not _MODEL_ID_RE.match(mid):
+    if not isinstance(mid, str) or not _MODEL_ID_RE.fullmatch(mid):
         raise WireError("bad_field", "model_id must be 'sha256:' + 64 lowercase hex characters")
     return mid
 
@@ -464,7 +464,12 @@ def decode_round(payload: bytes, limits: Limits = DEFAULT_LIMITS) -> RoundTask:
     cohort = obj.get("cohort")
     if not isinstance(cohort, list) or len(cohort) > limits.max_cohort:
         raise WireError("bad_field", f"cohort must be a list of at most {limits.max_cohort} device ids")
-    cohort_t = tuple(check_id(d, "cohort entry") for d in cohort)
+    # Fast path, same rule as check_id: every device of a fleet decodes every round task, whose cohort may
+    # list hundreds of ids (a 10,000-device simulation spent ~1 s per round here). check_id reports a bad entry.
+    if all(type(d) is str for d in cohort) and all(map(_ID_RE.fullmatch, cohort)):
+        cohort_t = tuple(cohort)
+    else:
+        cohort_t = tuple(check_id(d, "cohort entry") for d in cohort)
     if len(set(cohort_t)) != len(cohort_t):
         raise WireError("bad_field", "cohort has duplicate device ids")
     train, privacy = obj.get("train"), obj.get("privacy")

@@ -5,6 +5,10 @@ A `Fleet` owns N `VirtualDevice`s of one strategy run. Each device is the unmodi
 driven in external mode by `SimDriver`, one selector loop in the main thread for the whole fleet. Local
 training runs on a shared process pool through `SimRunner`, so both cores train while the main thread only
 moves bytes; a device that is not training holds no ORT session (the job opens and closes it in the worker).
+Scale (10,000 devices in one process): one open descriptor per device (its socket; the fleet locks its state
+root once instead of each state dir, `ClientConfig.lock_state_dir=False`), one verified `Bundle` shared by all
+clients, devices created by a few threads (fresh ledgers are fsynced) and connected chunk by chunk, and a
+driver that services only the devices that need it (see `SimDriver`).
 
 Heterogeneity and faults (`Heterogeneity`), all decided by seeded draws per (run seed, device, round), so a
 run is reproducible and the same fault hits the same device in every strategy of a comparison:
@@ -17,7 +21,7 @@ run is reproducible and the same fault hits the same device in every strategy of
 * late:      with probability `late_prob` per round the device's uplink stalls right after it published: the
              driver holds its socket writes until `late_delay` s after the round's deadline, so the update
              reaches the aggregator after the round closed and is counted late (real bytes, real broker).
-* join/leave: the fleet starts some devices later and stops others mid-run (`Fleet.connect`/`disconnect`).
+* join/leave: the fleet starts some devices later and stops others mid-run (`Fleet.start`/`stop`).
 * byzantine: a seeded set of devices (`Byzantine`, `--byzantine FRACTION:KIND[:SCALE]`) runs the real SDK
              job (`run_byzantine_job`) with its *local training result* Δ replaced before privatisation:
              `flip` sends −Δ, `random` a Gaussian direction; the replacement is given norm SCALE·C (default
@@ -31,6 +35,7 @@ noise is for reproducing experiments only and protects nothing.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import dataclasses
 import functools
@@ -38,6 +43,7 @@ import hashlib
 import heapq
 import itertools
 import logging
+import math
 import selectors
 import socket
 import threading
@@ -48,7 +54,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_sdk.client import EdgeClient, TrainJob, run_training_job
+from edge_sdk.bundle import Bundle
+from edge_sdk.client import EdgeClient, TrainJob, lock_state_dir, run_training_job, unlock_state_dir
 from edge_sdk.config import ClientConfig
 
 __all__ = ["Byzantine", "run_byzantine_job", "DatasetSpec", "PartitionRef", "Heterogeneity", "VirtualDevice", "SimRunner", "SimDriver", "Fleet",
@@ -343,17 +350,38 @@ class SimRunner(cf.Executor):
 # ------------------------------------------------------------------------------------------ driver
 class SimDriver:
     """Selector loop for externally driven EdgeClients (like edge_sdk.client.FleetDriver) plus what the
-    simulator needs: removing devices mid-run, timers, and holding a late device's socket writes.
+    simulator needs: removing devices mid-run, timers, holding a late device's socket writes, and thousands of
+    devices per process.
 
     Every client's paho socket writes go through this loop (`on_socket_register_write` is set, which makes
     paho queue packets instead of writing inside publish()), so a stalled uplink is just a socket this loop
     does not write to for a while.
+
+    Scale: a pass services only the devices that need it: those with socket activity, those woken from another
+    thread (training finished: each device's wake-up names it), and a slice of a round-robin sweep that visits
+    every device once per `sweep_period()` (client ticks, keepalive, reconnect backoff, the end of an uplink
+    hold). Servicing all 10,000 devices costs 0.1-0.3 s, too much to repeat on every pass; and with a fixed short
+    period every slow pass made the next sweep slice the whole fleet again. Registrations are refreshed for the
+    devices serviced in the previous pass, since only servicing a device changes its socket or pending writes.
     """
+
+    SWEEP_PERIOD = 0.25  # s, small fleets; EdgeClient ticks every 0.5 s (Fleet sets tick_interval)
+    SWEEP_DEVICES_PER_S = 4000  # larger fleets: a longer period, so sweeping takes ~15% of the loop at most
+    SWEEP_PERIOD_MAX = 5.0  # s; well inside the 30 s MQTT keepalive
+
+    def sweep_period(self) -> float:
+        return min(self.SWEEP_PERIOD_MAX, max(self.SWEEP_PERIOD, len(self._order) / self.SWEEP_DEVICES_PER_S))
 
     def __init__(self) -> None:
         self._sel = selectors.DefaultSelector()
         self._devices: dict[str, VirtualDevice] = {}
         self._reg: dict[str, tuple[Any, int]] = {}
+        self._order: list[str] = []  # sweep order
+        self._cursor = 0
+        self._last_sweep = time.monotonic()
+        self._dirty: set[str] = set()  # serviced in the last pass: registrations to refresh
+        self._woken: collections.deque[str] = collections.deque()  # appended from any thread (atomic)
+        self._loop_thread: int | None = None  # the thread running run_once (posts from it need no wake-up)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -366,18 +394,27 @@ class SimDriver:
         except OSError:
             pass  # already awake / closing
 
+    def _wake_device(self, device_id: str) -> None:
+        self._woken.append(device_id)
+        if threading.get_ident() != self._loop_thread:  # the loop itself checks _woken before it waits
+            self.wake()
+
     def add(self, dev: VirtualDevice) -> None:
         c = dev.client
         assert c is not None
         c.mqtt.on_socket_register_write = lambda *a: None  # writes happen in this loop only
-        c.set_wakeup(self.wake)
+        c.set_wakeup(functools.partial(self._wake_device, dev.device_id))
         c.connect_external()
         self._devices[dev.device_id] = dev
+        self._order.append(dev.device_id)
+        self._dirty.add(dev.device_id)
 
     def remove(self, dev: VirtualDevice) -> None:
         """Stop the device (retained 'offline' status, DISCONNECT) and flush those bytes before dropping it."""
         self._unregister(dev.device_id)
-        self._devices.pop(dev.device_id, None)
+        if self._devices.pop(dev.device_id, None) is not None:
+            self._order.remove(dev.device_id)
+        self._dirty.discard(dev.device_id)
         c = dev.client
         if c is None:
             return
@@ -394,34 +431,64 @@ class SimDriver:
             except (KeyError, ValueError, OSError):
                 pass
 
-    def _sync(self, now: float) -> None:
-        for did, dev in self._devices.items():
-            c = dev.client
-            sock = c.socket() if c is not None else None
+    def _sync(self, device_ids: Any, now: float) -> None:
+        """Refresh the selector registrations of these devices (socket replaced or closed, writes wanted)."""
+        live: list[tuple[str, VirtualDevice, Any]] = []
+        for did in device_ids:  # 1. drop stale registrations first: a closed socket's descriptor number may
+            dev = self._devices.get(did)  # already belong to another device's new socket in this same batch
+            if dev is None:
+                continue
+            sock = dev.client.socket() if dev.client is not None else None
             old = self._reg.get(did)
             if old is not None and old[0] is not sock:
                 self._unregister(did)
-                old = None
-            if sock is None:
-                continue
-            write = c.want_write() and not dev.uplink_held(now)
+            if sock is not None:
+                live.append((did, dev, sock))
+        for did, dev, sock in live:  # 2. register / modify
+            write = dev.client.want_write() and not dev.uplink_held(now)  # type: ignore[union-attr]
             want = selectors.EVENT_READ | (selectors.EVENT_WRITE if write else 0)
+            old = self._reg.get(did)
             if old is None:
-                self._sel.register(sock, want, did)
+                try:
+                    self._sel.register(sock, want, did)
+                except KeyError:  # the number is still registered for a socket closed outside this batch
+                    stale = self._sel.get_key(sock)
+                    self._reg.pop(stale.data, None)
+                    self._sel.unregister(stale.fileobj)
+                    self._sel.register(sock, want, did)
             elif old[1] != want:
                 self._sel.modify(sock, want, did)
             self._reg[did] = (sock, want)
 
+    def _sweep_slice(self, now: float) -> list[str]:
+        """The next devices of the round-robin sweep, as many as keep the whole fleet within sweep_period()."""
+        n = len(self._order)
+        k = min(n, math.ceil(n * (now - self._last_sweep) / self.sweep_period()))
+        if k <= 0:
+            return []
+        self._last_sweep = now
+        start = self._cursor % n
+        out = self._order[start:start + k]
+        if len(out) < k:
+            out += self._order[:k - len(out)]
+        self._cursor = (start + k) % n
+        return out
+
     def run_once(self, timeout: float = 0.1) -> None:
+        self._loop_thread = threading.get_ident()
         now = time.monotonic()
         self.timers.run_due()
-        self._sync(now)
+        self._sync(self._dirty, now)
         due = self.timers.next_due()
         if due is not None:
-            timeout = max(0.0, min(timeout, due - now))
-        ready = [d for d in self._devices.values()
-                 if d.client is not None and (s := d.client.socket()) is not None and getattr(s, "pending", lambda: 0)()]
-        for key, mask in self._sel.select(0 if ready else timeout):
+            timeout = min(timeout, due - now)
+        if self._order:
+            timeout = min(timeout, self.SWEEP_PERIOD / 2)  # keep sweep slices small and frequent
+        # TLS: bytes already decrypted into the SSL object are invisible to the selector
+        ready = [did for did in self._dirty if (d := self._devices.get(did)) is not None and d.client is not None
+                 and (s := d.client.socket()) is not None and getattr(s, "pending", lambda: 0)()]
+        serviced: set[str] = set(ready)
+        for key, mask in self._sel.select(0 if ready or self._woken else max(0.0, timeout)):
             if key.data is None:
                 try:
                     while self._wake_r.recv(4096):
@@ -432,14 +499,29 @@ class SimDriver:
             dev = self._devices.get(key.data)
             if dev is None or dev.client is None:
                 continue
+            serviced.add(key.data)
             if mask & selectors.EVENT_READ:
                 dev.client.loop_read()
             if mask & selectors.EVENT_WRITE and dev.client.socket() is not None:
                 dev.client.loop_write()
-        for d in ready:
-            d.client.loop_read()  # type: ignore[union-attr]
-        for d in list(self._devices.values()):
-            d.client.loop_misc()  # type: ignore[union-attr]
+        for did in ready:
+            self._devices[did].client.loop_read()  # type: ignore[union-attr]
+        while self._woken:
+            serviced.add(self._woken.popleft())
+        now = time.monotonic()
+        serviced.update(self._sweep_slice(now))
+        for did in serviced:
+            dev = self._devices.get(did)
+            if dev is None or dev.client is None:
+                continue
+            c = dev.client
+            c.loop_misc()  # events queued by callbacks or other threads, ticks, keepalive, reconnects
+            # Write what this pass queued (PUBACKs, statuses, updates) now rather than one pass later: after a
+            # broadcast that is every device, and a whole extra pass. What the socket does not take waits for
+            # EVENT_WRITE, registered by the next _sync.
+            if c.socket() is not None and c.want_write() and not dev.uplink_held(now):
+                c.loop_write()
+        self._dirty = serviced
         self.timers.run_due()
 
     def close(self) -> None:
@@ -468,12 +550,26 @@ class Fleet:
     delta: float = 1e-5
     encoding: str = "f32"
     joined: list[str] = field(default_factory=list)  # every device that was ever started, in order
+    bundle: Bundle | None = None  # loaded (and verified) once, shared by every device's EdgeClient
+    root_lock: int | None = None  # flock on <state root>/.lock: this fleet owns every device state dir under it
+
+    # Fresh devices are created by a few threads: opening a new privacy ledger writes it durably (two fsyncs,
+    # ~3-8 ms here), which would make 10,000 devices take over a minute one after another. fsync releases
+    # the GIL, so the writes overlap. Sockets are connected in the main thread, in chunks, so the broker
+    # sees CONNECTs while the next chunk is being created instead of 10,000 idle TCP connections at once.
+    CREATE_THREADS = 8
+    CHUNK = 250
 
     @classmethod
     def build(cls, *, fleet: str, broker_url: str, bundle_dir: Path, state_root: Path, spec: DatasetSpec,
               sizes: dict[str, int], seed: int, hetero: Heterogeneity, pool: cf.Executor,
               epsilon_budget: float, delta: float, encoding: str,
               byzantine: Byzantine | None = None) -> "Fleet":
+        bundle = Bundle.load(bundle_dir)
+        Path(state_root).mkdir(parents=True, exist_ok=True)
+        # One lock for the whole fleet instead of one per device (ClientConfig.lock_state_dir=False below): a
+        # descriptor per device would double what 10,000 devices need (their sockets) and hit RLIMIT_NOFILE.
+        root_lock = lock_state_dir(Path(state_root), owner="simulation")
         driver = SimDriver()
         devices = {cid: VirtualDevice(cid, Path(state_root) / cid, PartitionRef(spec, cid), n, seed, hetero)
                    for cid, n in sizes.items()}
@@ -481,23 +577,35 @@ class Fleet:
         runner = SimRunner(pool, seed, lambda d: devices[d].extra_delay, driver.timers,
                            byzantine={d: byzantine for d in bad} if byzantine is not None else None)
         return cls(fleet=fleet, broker_url=broker_url, bundle_dir=Path(bundle_dir), devices=devices, driver=driver,
-                   runner=runner, epsilon_budget=epsilon_budget, delta=delta, encoding=encoding)
+                   runner=runner, epsilon_budget=epsilon_budget, delta=delta, encoding=encoding, bundle=bundle,
+                   root_lock=root_lock)
 
-    def start(self, device_ids: list[str]) -> None:
-        for did in device_ids:
-            dev = self.devices[did]
-            if dev.online:
-                continue
-            cfg = ClientConfig(device_id=did, fleet=self.fleet, broker=self.broker_url, state_dir=dev.state_dir,
-                               epsilon_budget=self.epsilon_budget, delta=self.delta, encoding=self.encoding,
-                               is_idle=dev.is_idle, is_charging=dev.is_charging, threads=1,
-                               tick_interval=0.5, reconnect_min=0.5, reconnect_max=5.0)
-            dev.client = EdgeClient(cfg, self.bundle_dir, dev.data, runner=self.runner)
-            _count_downlink(dev)
-            self.driver.add(dev)
-            dev.online = True
-            if did not in self.joined:
-                self.joined.append(did)
+    def _new_client(self, dev: VirtualDevice) -> EdgeClient:
+        cfg = ClientConfig(device_id=dev.device_id, fleet=self.fleet, broker=self.broker_url, state_dir=dev.state_dir,
+                           epsilon_budget=self.epsilon_budget, delta=self.delta, encoding=self.encoding,
+                           is_idle=dev.is_idle, is_charging=dev.is_charging, threads=1,
+                           tick_interval=0.5, reconnect_min=0.5, reconnect_max=5.0, lock_state_dir=False)
+        return EdgeClient(cfg, self.bundle or self.bundle_dir, dev.data, runner=self.runner)
+
+    def start(self, device_ids: list[str], progress: Callable[[int], None] | None = None) -> None:
+        """Create and connect these devices (the driver loop completes the connections); `progress(n)` after
+        every chunk of n devices."""
+        todo = [self.devices[d] for d in dict.fromkeys(device_ids) if not self.devices[d].online]
+        joined = set(self.joined)
+        with cf.ThreadPoolExecutor(self.CREATE_THREADS, thread_name_prefix="sim-create") as creators:
+            for i in range(0, len(todo), self.CHUNK):
+                chunk = todo[i:i + self.CHUNK]
+                for dev, client in zip(chunk, _all_or_none([creators.submit(self._new_client, d) for d in chunk])):
+                    dev.client = client
+                    _count_downlink(dev)
+                    self.driver.add(dev)
+                    dev.online = True
+                    if dev.device_id not in joined:
+                        joined.add(dev.device_id)
+                        self.joined.append(dev.device_id)
+                self.driver.run_once(0)  # send this chunk's CONNECTs
+                if progress is not None:
+                    progress(len(chunk))
 
     def stop(self, device_ids: list[str]) -> None:
         for did in device_ids:
@@ -534,9 +642,25 @@ class Fleet:
         return out
 
     def close(self) -> None:
-        self.driver.close()
-        for dev in self.devices.values():
-            dev.online = False
+        try:
+            self.driver.close()
+        finally:
+            for dev in self.devices.values():
+                dev.online = False
+            unlock_state_dir(self.root_lock)
+            self.root_lock = None
+
+
+def _all_or_none(futures: list[cf.Future]) -> list[EdgeClient]:
+    """The clients of one chunk; if one could not be created, stop the others and raise that error."""
+    cf.wait(futures)
+    error = next((f.exception() for f in futures if f.exception() is not None), None)
+    if error is None:
+        return [f.result() for f in futures]
+    for f in futures:
+        if f.exception() is None:
+            f.result().stop()
+    raise error
 
 
 def _count_downlink(dev: VirtualDevice) -> None:

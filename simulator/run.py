@@ -32,7 +32,7 @@ from simulator.fleet import DatasetSpec, Fleet, Heterogeneity, unit_draw
 from simulator.report import RoundRecord, format_table, summary_rows, write_report, write_strategy_metrics
 
 __all__ = ["SimConfig", "simulate", "run_strategy", "export_model", "evaluate_metrics", "SimulationError",
-           "plan_membership"]
+           "plan_membership", "training_pool"]
 
 log = logging.getLogger("fedatt.simulator")
 
@@ -279,14 +279,15 @@ def run_strategy(cfg: SimConfig, strategy: str, ds: Any, spec: DatasetSpec, bund
         privacy=wire.PrivacySettings(clip_norm=cfg.clip_norm, noise_multiplier=cfg.noise_multiplier,
                                      delta=cfg.delta),
         encodings=("f32", "int8") if cfg.encoding == "int8" else ("f32",))
-    fleet = Fleet.build(fleet=fleet_name, broker_url=broker_url, bundle_dir=bundle_dir, state_root=sdir / "devices",
-                        spec=spec, sizes={c: len(y) for c, (_, y) in ds.clients.items()}, seed=cfg.seed,
-                        hetero=cfg.hetero(), pool=pool, epsilon_budget=cfg.epsilon_budget, delta=cfg.delta,
-                        encoding=cfg.encoding, byzantine=parse_byzantine(cfg.byzantine))
     closed: "queue.Queue[tuple[Any, dict[str, np.ndarray]]]" = queue.Queue()
     service = AggregatorService(engine, bundle, sdir / "aggregator", MqttSettings(url=broker_url),
                                 max_rounds=cfg.rounds, on_round_closed=lambda s, m: closed.put((s, m)),
                                 rng=random.Random(cfg.seed))  # seeded cohorts: simulation only
+    # after the service (which may refuse its state): the fleet holds the lock of its state root until close()
+    fleet = Fleet.build(fleet=fleet_name, broker_url=broker_url, bundle_dir=bundle_dir, state_root=sdir / "devices",
+                        spec=spec, sizes={c: len(y) for c, (_, y) in ds.clients.items()}, seed=cfg.seed,
+                        hetero=cfg.hetero(), pool=pool, epsilon_budget=cfg.epsilon_budget, delta=cfg.delta,
+                        encoding=cfg.encoding, byzantine=parse_byzantine(cfg.byzantine))
     evaluator = cf.ThreadPoolExecutor(1, thread_name_prefix="sim-eval")
     trainer_box: list[Any] = []
 
@@ -302,8 +303,7 @@ def run_strategy(cfg: SimConfig, strategy: str, ds: Any, spec: DatasetSpec, bund
     t0 = time.monotonic()
     initial_eval = evaluator.submit(evaluate, bundle.split(bundle.initial_parameters()))
     try:
-        fleet.start(initial)
-        _wait_connected(fleet, initial, timeout=30.0)
+        _start_fleet(cfg, fleet, initial)
         service.start()
         last_progress = time.monotonic()
         stall = max(120.0, 6 * cfg.round_timeout)
@@ -392,42 +392,78 @@ def _record(summary: Any, ev: dict[str, float | None], extra: dict[str, Any]) ->
         attention_entropy=(sum(ent) / len(ent)) if ent else None)
 
 
-def _forget_sessions(url: str, client_ids: Sequence[str]) -> None:
+def _forget_sessions(url: str, client_ids: Sequence[str], batch: int = 500, timeout: float = 10.0) -> None:
     """Drop the broker's persistent sessions of this run's clients (clean_session=True connect + disconnect).
 
     Devices keep their MQTT client id (= device id) across the strategies of a comparison; without this the
-    next strategy's devices would inherit subscriptions to the previous fleet's topics.
+    next strategy's devices would inherit subscriptions to the previous fleet's topics. Clients are driven in
+    batches by one selector (simulator/raw_fleet.py), not by paho's loop_start(): no thread per client, and no
+    select() on descriptors above 1,024. Best effort: a session left behind only costs warnings later.
     """
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
     from edge_sdk.connection import parse_broker_url
+    from simulator.raw_fleet import ClientPump
 
     addr = parse_broker_url(url)
-    for cid in client_ids:
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=True, protocol=mqtt.MQTTv311)
+    ids = list(client_ids)
+    for start in range(0, len(ids), batch):
+        pump = ClientPump()
+        acked: set[str] = set()
         try:
-            c.connect(addr.host, addr.port, keepalive=10)
-            c.loop_start()
-            c.disconnect()
-        except OSError as exc:  # best effort: a stale session only costs warnings in the next run
-            log.debug("could not clear the session of %s: %s", cid, exc)
+            for cid in ids[start:start + batch]:
+                c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, clean_session=True,
+                                protocol=mqtt.MQTTv311)
+                c.on_connect = lambda client, userdata, flags, rc, props, cid=cid: acked.add(cid)
+                try:
+                    c.connect(addr.host, addr.port, keepalive=10)
+                except OSError as exc:
+                    log.debug("could not clear the session of %s: %s", cid, exc)
+                    continue
+                pump.add(c)
+            end = time.monotonic() + timeout
+            while len(acked) < len(pump.clients) and time.monotonic() < end:
+                pump.pump(0.05)  # the broker answers CONNACK once the clean session replaced the old one
+            if len(acked) < len(pump.clients):
+                log.debug("%d sessions not confirmed cleared", len(pump.clients) - len(acked))
         finally:
-            c.loop_stop()
+            pump.close()  # DISCONNECT (written at once: these clients have no network thread) and close
+
+
+def _start_fleet(cfg: SimConfig, fleet: Fleet, ids: Sequence[str]) -> None:
+    """Create and connect the initial devices (a progress bar for large fleets: 10,000 take a minute or so)."""
+    t0 = time.monotonic()
+    bar = None
+    if cfg.progress and len(ids) >= 500:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(ids), desc=f"{'devices':>18}", unit="dev", file=sys.stderr, dynamic_ncols=True)
+    try:
+        fleet.start(list(ids), progress=bar.update if bar is not None else None)
+        # Generous and proportional: creating + connecting took ~2.5 ms per device on a loaded 2-core machine.
+        _wait_connected(fleet, ids, timeout=30.0 + 0.02 * len(ids))
+    finally:
+        if bar is not None:
+            bar.close()
+    log.info("%d devices created and connected in %.1f s", len(ids), time.monotonic() - t0)
 
 
 def _wait_connected(fleet: Fleet, ids: Sequence[str], timeout: float) -> None:
     """Drive the fleet until every device is connected (so the aggregator sees all of them before round 1)."""
     end = time.monotonic() + timeout
+    waiting = list(ids)
     while time.monotonic() < end:
         fleet.driver.run_once(0.05)
-        if all(fleet.devices[d].client is not None and fleet.devices[d].client.wait_connected(0) for d in ids):
-            # one more short spin so the retained 'online' statuses are written out
+        waiting = [d for d in waiting if not (fleet.devices[d].client is not None
+                                              and fleet.devices[d].client.wait_connected(0))]
+        if not waiting:
+            # a few more short spins so the retained 'online' statuses are written out
             for _ in range(5):
                 fleet.driver.run_once(0.01)
             return
-    missing = [d for d in ids if not fleet.devices[d].client.wait_connected(0)]
-    raise SimulationError(f"{len(missing)} devices could not connect to {fleet.broker_url}: {missing[:5]}")
+    raise SimulationError(f"{len(waiting)} of {len(ids)} devices could not connect to {fleet.broker_url} within "
+                          f"{timeout:.0f} s: {waiting[:5]}")
 
 
 def _progress(cfg: SimConfig, strategy: str) -> Any:
@@ -439,6 +475,17 @@ def _progress(cfg: SimConfig, strategy: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------- whole run
+def training_pool(workers: int) -> cf.ProcessPoolExecutor:
+    """The worker processes that run the devices' training jobs (shared by every strategy of a run).
+
+    spawn, not fork: the main process runs broker, paho and evaluator threads that fork would copy mid-lock.
+    block_torch: `import onnxruntime` would otherwise load torch (~240 MiB) in every worker (edge_sdk/_ort.py).
+    """
+    from edge_sdk._ort import block_torch
+
+    return cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=block_torch)
+
+
 def simulate(cfg: SimConfig, *, broker_restart: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run every strategy of `cfg` on the same fleet, partitions, seeds and initial model; write the report.
 
@@ -452,6 +499,7 @@ def simulate(cfg: SimConfig, *, broker_restart: Callable[[], None] | None = None
     _clear_previous(cfg.out)
     spec = cfg.dataset_spec()
     ds = spec.load()
+    _ensure_fd_limit(len(ds.client_ids), embedded=cfg.broker_url is None)
     bundle_dir = export_model(ds, cfg.out / "bundle", cfg.seed)
     export_s = time.monotonic() - t0
     broker = None
@@ -463,8 +511,7 @@ def simulate(cfg: SimConfig, *, broker_restart: Callable[[], None] | None = None
             url, restart = broker.url, broker.restart
         else:
             url, restart = cfg.broker_url, broker_restart
-        # spawn, not fork: the main process runs broker, paho and evaluator threads that fork would copy mid-lock
-        pool = cf.ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn"))
+        pool = training_pool(cfg.workers)
         for strategy in cfg.strategies:
             results[strategy] = run_strategy(cfg, strategy, ds, spec, bundle_dir, url, pool, restart)
     finally:
@@ -483,6 +530,28 @@ def simulate(cfg: SimConfig, *, broker_restart: Callable[[], None] | None = None
                           notes)
     return {"run_dir": cfg.out, "report": report, "rows": rows, "majority_baseline": ds.majority_baseline,
             "wall_s": wall, "results": results}
+
+
+def _ensure_fd_limit(devices: int, *, embedded: bool) -> None:
+    """Raise the soft RLIMIT_NOFILE to what the fleet needs (up to the hard limit), or fail now with the remedy.
+
+    Each device holds one socket (its state dir is covered by the fleet's lock); the embedded broker lives in
+    this process too and holds the other end of every connection. Without this, a fleet past the usual soft
+    limit of 1,024 fails midway with EMFILE ("Too many open files") while connecting.
+    """
+    import resource
+
+    need = devices * (2 if embedded else 1) + 256  # + worker pipes, bundle/ledger files, plots, ...
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise SimulationError(
+            f"{devices} devices need about {need} open files here but the hard limit (ulimit -Hn) is {hard}: "
+            f"raise it (e.g. `ulimit -n {need}` as root or in limits.conf)"
+            + ("" if not embedded else ", or use an external broker (--broker), which halves the need"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))  # hard >= need here
+    log.info("raised the open-file limit from %d to %d for %d devices", soft, need, devices)
 
 
 def _clear_previous(out: Path) -> None:

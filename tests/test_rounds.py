@@ -206,6 +206,22 @@ def test_model_changes_as_the_strategy_says(strategy, params):
             np.testing.assert_allclose(e.global_model[k], expected[k], rtol=1e-6, atol=1e-7)
 
 
+def test_stop_after_announces_no_round_past_the_limit():
+    """A fixed-length run (--max-rounds) must not invite a cohort to a round nobody will aggregate."""
+    e = engine(5)
+    e.stop_after(2)
+    task = announced(e.start(T0))
+    acts, _ = run_round(e, task, T0 + 1)
+    task2 = announced(acts)
+    acts, _ = run_round(e, task2, T0 + 10)
+    assert e.model_round == 2 and of(acts, RoundClosed) and not of(acts, RoundAnnounced)
+    assert not of(e.tick(T0 + 100), RoundAnnounced) and not of(e.start(T0 + 101), RoundAnnounced)
+    e.stop_after(None)
+    assert announced(e.tick(T0 + 102)).round == 3
+    with pytest.raises(ConfigError):
+        e.stop_after(-1)
+
+
 def test_deadline_closes_with_quorum_only_when_due():
     e = engine(5)
     task = announced(e.start(T0))
