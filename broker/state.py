@@ -128,7 +128,7 @@ class CheckpointStore:
 
     def _prune(self, current: str) -> None:
         # Best effort: failing to delete an old generation never endangers the new one.
-        gens = sorted(p for p in self.dir.iterdir() if _GEN_RE.match(p.name))
+        gens = sorted(p for p in self.dir.iterdir() if _GEN_RE.fullmatch(p.name))
         for p in gens[:-self.keep]:
             if p.name != current:
                 shutil.rmtree(p, ignore_errors=True)
@@ -141,7 +141,7 @@ class CheckpointStore:
         if not self.dir.exists():
             return None
         try:
-            gens = sorted((p.name for p in self.dir.iterdir() if _GEN_RE.match(p.name)), reverse=True)
+            gens = sorted((p.name for p in self.dir.iterdir() if _GEN_RE.fullmatch(p.name)), reverse=True)
         except OSError as exc:
             raise CheckpointError(f"cannot list checkpoint directory {self.dir}: {exc}") from exc
         current = self._current_name()
@@ -173,7 +173,7 @@ class CheckpointStore:
         try:
             obj = json.loads(path.read_text("utf-8"))
             name = obj["generation"]
-            return name if isinstance(name, str) and _GEN_RE.match(name) else None
+            return name if isinstance(name, str) and _GEN_RE.fullmatch(name) else None
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError):

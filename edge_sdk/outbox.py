@@ -88,7 +88,7 @@ class Outbox:
     # ---- changes ----
     def put(self, entry: OutboxEntry, payload: bytes) -> OutboxEntry:
         """Persist a newly released update (payload first, then the index that names it)."""
-        if not _UPDATE_ID_RE.match(entry.update_id):
+        if not _UPDATE_ID_RE.fullmatch(entry.update_id):
             raise ValueError(f"update_id must be 32 lowercase hex characters, got {entry.update_id!r}")
         entry = replace(entry, sha256=hashlib.sha256(payload).hexdigest(), size=len(payload))
         atomic_write(self._payload_path(entry.update_id), payload)
@@ -138,7 +138,7 @@ class Outbox:
                     raise ValueError(f"not a {FORMAT} version {VERSION} index")
                 for raw in doc["entries"]:
                     e = OutboxEntry(**raw)
-                    if not (_UPDATE_ID_RE.match(e.update_id) and e.state in (PENDING, SENT)
+                    if not (_UPDATE_ID_RE.fullmatch(e.update_id) and e.state in (PENDING, SENT)
                             and isinstance(e.round, int) and isinstance(e.attempt, int)):
                         raise ValueError(f"malformed entry {raw!r}"[:200])
                     entries[e.update_id] = e

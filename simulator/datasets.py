@@ -95,7 +95,7 @@ class FederatedDataset:
         if not self.clients:
             raise DatasetError(f"{self.name}: no clients")
         for cid, xy in self.clients.items():
-            if not CLIENT_ID_RE.match(cid):
+            if not CLIENT_ID_RE.fullmatch(cid):
                 raise DatasetError(f"{self.name}: client id {cid!r} does not match {CLIENT_ID_RE.pattern}")
             self._check_arrays(f"client {cid!r}", xy, allow_empty=False)
         self._check_arrays("test", self.test, allow_empty=False)

@@ -123,7 +123,10 @@ def test_update_rejects_broken_containers(payload, reason):
     ({"round": "-1"}, None, "bad_field"),
     ({"round": "1e3"}, None, "bad_field"),
     ({"device_id": "a/b"}, None, "bad_field"),
+    ({"device_id": "d\n"}, None, "bad_field"),  # a regex `$` alone would accept the trailing newline
     ({"update_id": "xyz"}, None, "bad_field"),
+    ({"update_id": "0" * 32 + "\n"}, None, "bad_field"),
+    ({"model_id": MID + "\n"}, None, "bad_field"),
     ({"clip_norm": "0"}, None, "bad_field"),
     ({"clip_norm": "nan"}, None, "bad_field"),
     ({"noise_multiplier": "inf"}, None, "bad_field"),
