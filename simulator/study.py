@@ -233,7 +233,10 @@ def robustness(seeds: tuple[int, ...] = (0, 1, 2), z: float = 0.01, rounds: int 
             if d["w_attacker"][0] is not None:
                 print(f"  {atk} {st}: attacker {np.mean(d['w_attacker']):.3f}, honest {np.mean(d['w_honest']):.3f}")
     plt = _plt()
-    fig, ax = plt.subplots(1, len(attacks), figsize=(3.3 * len(attacks), 3.5), sharey=True)
+    ncol = min(3, len(attacks))
+    nrow = math.ceil(len(attacks) / ncol)
+    fig, axs = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), sharey=True, squeeze=False)
+    ax = axs.ravel()
     for j, atk in enumerate(attacks):
         for st in ALL5:
             a = np.array(data[atk][st]["acc"])
@@ -242,7 +245,8 @@ def robustness(seeds: tuple[int, ...] = (0, 1, 2), z: float = 0.01, rounds: int 
             ax[j].fill_between(x, a.min(0), a.max(0), alpha=0.15)
         ax[j].set_title(f"C={clip}, byzantine {atk}", fontsize=9)
         ax[j].set_xlabel("round")
-    ax[0].set_ylabel("pooled test accuracy")
+    for a in axs[:, 0]:
+        a.set_ylabel("pooled test accuracy")
     fig.suptitle(f"heart iid×10, z = {z}: mean over seeds {list(seeds)}, band = min–max", fontsize=9)
     ax[0].legend(fontsize=7)
     _save(fig, name, {"seeds": seeds, "z": z, "clip": clip, "rounds": rounds, "data": data})
