@@ -139,13 +139,14 @@ class Byzantine:
             raise ValueError(f"byzantine fraction must be in [0, 1), got {self.fraction}")
         if self.kind not in self.KINDS:
             raise ValueError(f"byzantine kind must be one of {self.KINDS}, got {self.kind!r}")
-        if not self.scale > 0:
-            raise ValueError("byzantine scale must be > 0")
+        if not (self.scale > 0 and math.isfinite(self.scale)):
+            raise ValueError(f"byzantine scale must be > 0 and finite, got {self.scale}")
 
     def choose(self, device_ids: list[str], seed: int) -> list[str]:
         if self.fraction <= 0:
             return []
-        k = max(1, round(self.fraction * len(device_ids)))
+        # Halves round up (25% of 10 devices = 3), not to even as round() would (2): the count grows with fraction.
+        k = max(1, math.floor(self.fraction * len(device_ids) + 0.5))
         return sorted(sorted(device_ids, key=lambda d: unit_draw(seed, "byzantine", d))[:k])
 
 

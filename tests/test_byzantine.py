@@ -49,6 +49,7 @@ def test_parse_byzantine_none(text):
     ("0.2:flip:0", "scale must be > 0"),
     ("0.2:flip:-3", "scale must be > 0"),
     ("0.2:random:nan", "scale must be > 0"),
+    ("0.2:flip:inf", "scale must be > 0 and finite"),
 ])
 def test_parse_byzantine_errors_name_the_option_and_the_problem(text, fragment):
     with pytest.raises(SimulationError) as ei:
@@ -68,7 +69,8 @@ def test_bad_byzantine_fails_before_anything_starts(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------ choice of attackers
-@pytest.mark.parametrize("fraction, k", [(0.1, 1), (0.2, 2), (0.3, 3), (0.5, 5), (0.9, 9), (0.01, 1), (0.0, 0)])
+@pytest.mark.parametrize("fraction, k", [(0.1, 1), (0.2, 2), (0.25, 3), (0.3, 3), (0.35, 4), (0.5, 5), (0.9, 9),
+                                        (0.01, 1), (0.0, 0)])
 def test_choice_has_the_requested_fraction(fraction, k):
     for seed in range(5):
         bad = Byzantine(fraction, "flip").choose(IDS, seed)
