@@ -73,6 +73,7 @@ class TrainJob:
     bundle_dir: str
     data: Any  # TrainData
     threads: int = 1
+    flush_denormals: bool = False  # edge_sdk.trainer.DENORMAL_AS_ZERO: only where the SDK owns the thread
     # None (devices): shuffling and DP noise come from OS randomness. An int seeds both: simulations only,
     # so a run can be reproduced; predictable noise gives no privacy.
     seed: int | None = None
@@ -106,7 +107,7 @@ def run_training_job(job: TrainJob) -> TrainOutcome:
     bundle = _bundle_for(job.bundle_dir, spec.model_id)
     data = job.data() if callable(job.data) else job.data
     theta_global = bundle.join(spec.global_tensors)
-    trainer = LocalTrainer(bundle, threads=job.threads)
+    trainer = LocalTrainer(bundle, threads=job.threads, flush_denormals=job.flush_denormals)
     try:  # fresh optimizer state per round is LocalTrainer.train's contract
         trainer.set_parameters(theta_global)
         result = trainer.train(data, epochs=spec.train.epochs, batch_size=spec.train.batch_size, lr=spec.train.lr,
@@ -307,7 +308,8 @@ class EdgeClient:
         self._log.info("round %d (attempt %d): training %d epoch(s) from model %d, z=%g C=%g, %s",
                        spec.round, spec.attempt, spec.train.epochs, spec.model_round,
                        spec.privacy.noise_multiplier, spec.privacy.clip_norm, spec.encoding)
-        job = TrainJob(spec=spec, bundle_dir=str(self.bundle.path), data=self.data, threads=self.config.threads)
+        job = TrainJob(spec=spec, bundle_dir=str(self.bundle.path), data=self.data, threads=self.config.threads,
+                       flush_denormals=self.config.flush_denormals)
         runner = self._runner
         try:
             if isinstance(runner, cf.Executor):

@@ -20,6 +20,31 @@ from edge_sdk.bundle import Bundle
 
 Batch = tuple[np.ndarray, np.ndarray]
 
+# ORT session config entry: flush denormals to zero (FTZ/DAZ) in ORT's kernels. A Softmax over a causal
+# mask evaluates exp(-inf - max) through MLAS's clamped exp, whose results are denormal floats that cost
+# x86 cores ~100x per element: the zoo char_transformer's attention Softmax took 0.35-0.45 ms instead of
+# 0.05 ms per call (docs/PERFORMANCE.md section 1). Values below 1.2e-38 become 0; nothing a training
+# step can see. But ORT applies it to its pool threads *and to the calling thread*, once per process (the
+# first ORT session created decides: onnxruntime/core/session/inference_session.cc, call_once), and that
+# thread's numpy/math then flush subnormals too — global processor state, like -ffast-math (hypothesis
+# refuses to run under it). So it is opt-in (`flush_denormals`): EdgeClient turns it on for training on
+# threads/processes the SDK owns (ClientConfig.flush_denormals), never on a caller's thread by default.
+DENORMAL_AS_ZERO = "session.set_denormal_as_zero"
+# With threads > 1, ORT's pool threads busy-wait between kernels by default. On a small CPU shared with other
+# work (a phone's app, the 2-core test machine) that stole the cores the step needed: zoo char_transformer at 2
+# threads 41 ms/step spinning vs 17 ms not spinning, side by side under load (docs/PERFORMANCE.md section 1).
+# No effect at one thread (no pool).
+ALLOW_SPINNING = "session.intra_op.allow_spinning"
+
+
+def training_session_options(threads: int | None = 1, *, flush_denormals: bool = False):
+    """session_options(threads) plus no pool spinning (and flush-to-zero if asked), for ORT training sessions."""
+    options = session_options(threads)
+    if flush_denormals:
+        options.add_session_config_entry(DENORMAL_AS_ZERO, "1")
+    options.add_session_config_entry(ALLOW_SPINNING, "0")
+    return options
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -40,18 +65,27 @@ class EvalResult:
 
 
 class LocalTrainer:
-    """Train/evaluate a bundle on CPU. `threads`: ORT intra-op threads (None = ORT default)."""
+    """Train/evaluate a bundle on CPU. `threads`: ORT intra-op threads (None = ORT default).
 
-    def __init__(self, bundle: Bundle, threads: int | None = 1) -> None:
+    `flush_denormals=True` is faster for masked attention but sets flush-to-zero on the calling thread for the
+    rest of the process (see DENORMAL_AS_ZERO): use it only on a thread that does nothing else.
+    """
+
+    def __init__(self, bundle: Bundle, threads: int | None = 1, *, flush_denormals: bool = False) -> None:
         self.bundle = bundle
         self.threads = threads
-        self._options = session_options(threads)  # validates threads early
+        # validates threads early
+        self._options = training_session_options(threads, flush_denormals=flush_denormals)
         self._params: np.ndarray | None = None  # loaded from the checkpoint on first use
         self._session: tuple[Any, Any, Any] | None = None  # (state, module, optimizer)
         self._session_params_current = False
         spec = bundle.inputs[0]
         self._x_dtype = np.dtype(spec.dtype)
         self._x_shape = tuple(spec.shape[1:])
+        # token ids the exported graph accepts (exporter: embeddings trained as OneHot @ W select a zero row
+        # for an id outside it where a Gather would have failed, so the range is checked here)
+        bounds = bundle.manifest["inputs"][0].get("index_range")
+        self._x_range = (int(bounds[0]), int(bounds[1])) if bounds else None
         label = bundle.labels[0]
         self._y_dtype = np.dtype(label.dtype)
         self._y_shape = tuple(label.shape[1:])
@@ -111,6 +145,9 @@ class LocalTrainer:
                              + "".join(f", {d}" for d in self._y_shape) + ")")
         if x.shape[0] == 0:
             raise ValueError("empty batch")
+        if self._x_range is not None and x.size and (x.min() < self._x_range[0] or x.max() > self._x_range[1]):
+            raise ValueError(f"input ids must lie in [{self._x_range[0]}, {self._x_range[1]}] (the embedding's rows); "
+                             f"got min {x.min()}, max {x.max()}")
         return x, y
 
     def _batches(self, data: Any, batch_size: int, rng: np.random.Generator | None) -> Iterable[Batch]:

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_sdk._ort import session_options, training_api
+from edge_sdk._ort import training_api
+from edge_sdk.trainer import training_session_options  # never with flush_denormals: this is the caller's thread
 
 FORWARD_RTOL = 1e-4
 GRAD_RTOL = 1e-3
@@ -98,7 +99,7 @@ def run_checks(directory: Path, *, reference: nn.Module, trained: nn.Module, x: 
         ref_logits = reference(torch.from_numpy(x)).numpy()
 
     state = api.CheckpointState.load_checkpoint(files["ckpt"])
-    module = api.Module(files["train"], state, files["eval"], device="cpu", session_options=session_options())
+    module = api.Module(files["train"], state, files["eval"], device="cpu", session_options=training_session_options(None))
     # layout: ORT's flat vector must be the manifest-order concatenation (the order every update uses)
     flat = module.get_contiguous_parameters(trainable_only=True).numpy()
     mine = np.concatenate([np.asarray(state.parameters[n].data).reshape(-1) for n in trainable])
@@ -112,7 +113,7 @@ def run_checks(directory: Path, *, reference: nn.Module, trained: nn.Module, x: 
     # forward, inference model (written into the bundle)
     inference_path = directory / "inference_model.onnx"
     module.export_model_for_inferencing(str(inference_path), [logits_name])
-    session = onnxruntime.InferenceSession(str(inference_path), session_options(),
+    session = onnxruntime.InferenceSession(str(inference_path), training_session_options(None),
                                            providers=["CPUExecutionProvider"])
     report["inference_forward"] = _check_forward("inference model forward", session.run(None, {session.get_inputs()[0].name: x})[0], ref_logits)
 

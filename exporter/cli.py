@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="bundle directory to create (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--check-steps", type=int, default=5, help="ORT training steps the loss check runs (5)")
+    p.add_argument("--no-speed-rewrites", action="store_true",
+                   help="export the graph as torch wrote it (no Dropout(0) removal, no Gather -> Split/Slice/OneHot "
+                        "rewrites that avoid ORT's slow GatherGrad; see docs/PERFORMANCE.md)")
     p.set_defaults(func=run)
 
 
@@ -103,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         model = factory(**_factory_kwargs(args.factory_args))
         bundle = export_bundle(model, example, args.out, loss=args.loss, optimizer=args.optimizer, lr=args.lr,
                                freeze=args.freeze, name=args.name or args.factory.rpartition(":")[2],
-                               overwrite=args.overwrite, check_steps=args.check_steps)
+                               overwrite=args.overwrite, check_steps=args.check_steps,
+                               speed_rewrites=not args.no_speed_rewrites)
     except (UnsupportedModelError, ExportCheckError, ValueError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         print("no bundle was written", file=sys.stderr)

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 OPTIMIZERS = ("adamw", "sgd")
 INPUT, LOGITS, BATCH = "input", "logits", "batch"
 DEFAULT_OPSET = 17
+# Embedding tables with at most this many rows train through OneHot @ W instead of Gather (graph.py).
+ONEHOT_MAX_ROWS = 256
 _OPTIMIZER_OPS = {"adamw": "AdamWOptimizer", "sgd": "SGDOptimizerV2"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64,
            "int64": torch.int64, "int32": torch.int32}
@@ -141,6 +143,32 @@ def _hyperparameters(attrs: dict[str, object]) -> dict[str, object]:
     return out
 
 
+def _speed_rewrites(proto, example: torch.Tensor, trainable: set[str]) -> dict[str, Any]:
+    """Exact rewrites of the forward graph so ORT 1.19.2 generates faster training kernels (graph.py).
+
+    Measured on the zoo char_transformer at one thread (docs/PERFORMANCE.md section 1): ORT differentiates
+    Gather with GatherGrad, which takes a mutex per element; torch's MultiheadAttention (q/k/v = proj[i])
+    and every nn.Embedding produce Gathers. Dropout(p=0) is removed. The export checks then compare the
+    rewritten graph with torch (forward and gradients) like any other.
+    """
+    feed = example.numpy()
+    feeds = [{INPUT: feed}, {INPUT: np.concatenate([feed, feed])}]  # two batch sizes: static axes only
+    dropout = graph.remove_noop_dropout(proto)
+    gathers = graph.split_constant_gathers(proto, feeds)
+    onehot = graph.embeddings_as_onehot_matmul(proto, trainable, ONEHOT_MAX_ROWS)
+    graph.remove_unused_constants(proto)
+    rows = [e["rows"] for e in onehot if e["ids"] == INPUT]
+    return {
+        "enabled": True,
+        "dropout_removed": len(dropout),
+        "gathers_split": gathers,
+        "embeddings_onehot": sorted({e["table"] for e in onehot}),
+        "onehot_max_rows": ONEHOT_MAX_ROWS,
+        # ids outside this range selected a zero row instead of failing: devices check it (LocalTrainer)
+        "input_index_range": [-min(rows), min(rows) - 1] if rows else None,
+    }
+
+
 def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     """Move the finished bundle onto out_dir (rename; an old bundle is swapped out, then deleted)."""
     if out_dir.exists():
@@ -161,12 +189,14 @@ def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
 def export_bundle(model: nn.Module, example_input: torch.Tensor | str | tuple, out_dir: str | os.PathLike, *,
                   loss: str, optimizer: str = "adamw", lr: float = 1e-3, freeze: Sequence[str] = (),
                   name: str | None = None, opset: int = DEFAULT_OPSET, overwrite: bool = False,
-                  check_steps: int = 5, check_batch: int = 8, seed: int = 0) -> Bundle:
+                  check_steps: int = 5, check_batch: int = 8, seed: int = 0, speed_rewrites: bool = True) -> Bundle:
     """Export `model` to a verified bundle at `out_dir` and return it loaded.
 
     example_input: a tensor, "1x10[,dtype]" or ((1, 10), "float32"); axis 0 is the (symbolic) batch axis.
     loss: cross_entropy | mse | bce (on the model's single output, class axis last for cross_entropy).
     freeze: fnmatch patterns on parameter names (e.g. "features.*") kept frozen; they get offset null.
+    speed_rewrites: exact graph rewrites that make ORT's training step faster (see _speed_rewrites); the
+    checks below verify the rewritten graph against torch like any other.
     Raises UnsupportedModelError / ValueError before anything is written, ExportCheckError if the
     artifacts disagree with torch or do not train; on any failure no (partial) bundle is left behind.
     """
@@ -206,6 +236,7 @@ def export_bundle(model: nn.Module, example_input: torch.Tensor | str | tuple, o
     if unused:
         log.warning("parameters not used by forward(), left out of the bundle: %s", ", ".join(unused))
     trainable_set = set(trainable) & set(ordered)
+    rewrites = _speed_rewrites(proto, example, trainable_set) if speed_rewrites else {"enabled": False}
     graph.add_optional_outputs(proto)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -239,7 +270,7 @@ def export_bundle(model: nn.Module, example_input: torch.Tensor | str | tuple, o
                              initializers=initializers, trainable_set=trainable_set, buffers=buffers,
                              example=example, out_shape=out_shape, loss=loss, optimizer=optimizer, lr=lr,
                              hyper=hyper, opset=opset, ir=ir, frozen_bn=frozen_bn, freeze=list(freeze),
-                             unused=unused, report=report)
+                             unused=unused, report=report, rewrites=rewrites)
         seal_manifest(tmp, manifest)
         Bundle.load(tmp)  # the same verification a device runs
         _install(tmp, out_dir, overwrite)
@@ -252,7 +283,7 @@ def export_bundle(model: nn.Module, example_input: torch.Tensor | str | tuple, o
 def _manifest(*, name: str, export_model: nn.Module, ordered: list[str], initializers: dict, trainable_set: set,
               buffers: set, example: torch.Tensor, out_shape: tuple, loss: str, optimizer: str, lr: float,
               hyper: dict, opset: int, ir: int, frozen_bn: list[str], freeze: list[str], unused: list[str],
-              report: dict) -> dict[str, Any]:
+              report: dict, rewrites: dict) -> dict[str, Any]:
     import onnx
 
     params, offset = [], 0
@@ -276,7 +307,8 @@ def _manifest(*, name: str, export_model: nn.Module, ordered: list[str], initial
         "versions": _versions(),
         "opset": opset,
         "ir_version": ir,
-        "inputs": [{"name": INPUT, "shape": [BATCH, *example.shape[1:]], "dtype": in_dtype}],
+        "inputs": [{"name": INPUT, "shape": [BATCH, *example.shape[1:]], "dtype": in_dtype,
+                    **({"index_range": rewrites["input_index_range"]} if rewrites.get("input_index_range") else {})}],
         "outputs": [{"name": LOGITS, "shape": [BATCH, *out_shape[1:]], "dtype": "float32"}],
         "labels": [label],
         "loss": {"name": loss, "logits_output": LOGITS, "labels": LABELS, "reduction": "mean",
@@ -292,5 +324,6 @@ def _manifest(*, name: str, export_model: nn.Module, ordered: list[str], initial
                       "note": ("BatchNorm normalises with the running statistics stored at export, in training "
                                "and evaluation; its weight/bias train unless frozen") if frozen_bn else ""},
         "unused_parameters": unused,
+        "graph_rewrites": rewrites,
         "checks": report,
     }

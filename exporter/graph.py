@@ -6,8 +6,11 @@ and can be tested on a bare ModelProto.
 from __future__ import annotations
 
 import os
+from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 # ORT 1.19.2 refuses models with IR version > 10 ("Unsupported model IR version").
 MAX_IR_VERSION = 10
@@ -30,6 +33,260 @@ def add_optional_outputs(model: onnx.ModelProto) -> int:
             node.output.append(base + "_mask")
             patched += 1
     return patched
+
+
+# ---------------------------------------------------------------------------------------------------
+# Speed rewrites of the forward graph (before generate_artifacts). Each one is exact: it changes which ORT
+# kernels run (and so which gradient kernels ORT generates), never the function the graph computes.
+# Measured on the zoo char_transformer (docs/PERFORMANCE.md, section 1).
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.BFLOAT16}
+
+
+def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Values of initializers and of Constant nodes' `value` outputs, by tensor name."""
+    out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attr in node.attribute:
+                if attr.name == "value":
+                    out[node.output[0]] = numpy_helper.to_array(attr.t)
+    return out
+
+
+def _consumed(model: onnx.ModelProto) -> set[str]:
+    names = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        names.update(node.input)
+    return names
+
+
+def _has_subgraphs(model: onnx.ModelProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for node in model.graph.node for a in node.attribute)
+
+
+def _bypass(model: onnx.ModelProto, node: onnx.NodeProto) -> onnx.NodeProto | None:
+    """Let consumers of node.output[0] read node.input[0]; an Identity keeps a graph-output name alive."""
+    old, new = node.output[0], node.input[0]
+    if any(o.name == old for o in model.graph.output):
+        return helper.make_node("Identity", [new], [old], name=node.name)
+    for other in model.graph.node:
+        for i, name in enumerate(other.input):
+            if name == old:
+                other.input[i] = new
+    return None
+
+
+def remove_noop_dropout(model: onnx.ModelProto) -> list[str]:
+    """Drop Dropout nodes whose ratio is the constant 0 (nn.Dropout(0), Transformer layers with dropout=0).
+
+    With ratio 0 a Dropout is the identity in training and in inference; in the training graph ORT would
+    still run it and its DropoutGrad (a mask multiply) every step. Nodes whose mask output is used are kept.
+    Returns the names of the removed nodes.
+    """
+    if _has_subgraphs(model):
+        return []  # consumers inside If/Loop bodies would need renaming too: leave such graphs alone
+    values = constant_values(model)
+    used = _consumed(model)
+    kept, removed = [], []
+    for node in model.graph.node:
+        if node.op_type == "Dropout" and node.domain in ("", "ai.onnx"):
+            ratio = values.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+            mask_used = len(node.output) > 1 and node.output[1] and node.output[1] in used
+            if ratio is not None and ratio.size == 1 and float(ratio.reshape(())) == 0.0 and not mask_used:
+                replacement = _bypass(model, node)
+                if replacement is not None:
+                    kept.append(replacement)
+                removed.append(node.name or node.output[0])
+                continue
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        kept.append(copy)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return removed
+
+
+def remove_unused_constants(model: onnx.ModelProto) -> int:
+    """Drop Constant nodes nobody reads (left behind by the rewrites above); return how many."""
+    if _has_subgraphs(model):
+        return 0  # names read inside If/Loop bodies are not in _consumed(): keep everything
+    removed = 0
+    while True:
+        used = _consumed(model)
+        keep = [n for n in model.graph.node
+                if not (n.op_type == "Constant" and n.domain in ("", "ai.onnx") and not set(n.output) & used)]
+        if len(keep) == len(model.graph.node):
+            return removed
+        removed += len(model.graph.node) - len(keep)
+        copies = []
+        for n in keep:
+            c = onnx.NodeProto()
+            c.CopyFrom(n)
+            copies.append(c)
+        del model.graph.node[:]
+        model.graph.node.extend(copies)
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - inference is best effort; unknown types are left alone
+        inferred = model
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
+def probe_shapes(model: onnx.ModelProto, names: Iterable[str], feeds: Sequence[Mapping[str, np.ndarray]],
+                 elem_types: Mapping[str, int]) -> list[dict[str, tuple[int, ...]]]:
+    """Concrete shapes of intermediate tensors, one dict per feed (runs the forward graph in ORT on CPU).
+
+    Returns [] if the graph cannot run as an inference session (the caller falls back to shape-free code).
+    """
+    import onnxruntime
+
+    names = [n for n in dict.fromkeys(names) if n in elem_types]
+    if not names:
+        return []
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(n, elem_types[n], None) for n in names if n not in present)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    # No flush-to-zero here (edge_sdk.trainer.DENORMAL_AS_ZERO): this runs on the exporting caller's thread.
+    try:
+        session = onnxruntime.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return [dict(zip(names, (tuple(a.shape) for a in session.run(names, dict(feed))))) for feed in feeds]
+    except Exception:  # noqa: BLE001 - any failure: no shapes, the rewrite uses Slice
+        return []
+
+
+def split_constant_gathers(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]] = ()) -> int:
+    """Rewrite Gather(x, constant scalar index) on float activations as Split/Slice + Squeeze.
+
+    torch's MultiheadAttention exports `q, k, v = proj[0], proj[1], proj[2]` as three such Gathers. ORT
+    1.19.2 differentiates every Gather with GatherGrad, a scatter-add that takes a mutex per element
+    (~26 ns/element at one thread and far worse with two threads contending): in the zoo char_transformer
+    these three nodes per layer were a third of the training step. When the Gathers of one tensor take
+    indices 0..n-1 of an axis of static size n (checked by running the graph on `feeds`, which should
+    differ in batch size), they become one Split (gradient: a Concat); otherwise each becomes Slice +
+    Squeeze (gradient: SliceGrad). Returns the number of Gather nodes rewritten.
+    """
+    values = constant_values(model)
+    initializers = {i.name for i in model.graph.initializer}
+    types = _elem_types(model)
+    groups: dict[tuple[str, int], list[tuple[int, onnx.NodeProto, int]]] = {}
+    for position, node in enumerate(model.graph.node):
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        data, index = node.input
+        idx = values.get(index)
+        if data in initializers or types.get(data) not in _FLOAT_TYPES or idx is None or idx.ndim != 0 \
+                or idx.dtype.kind not in "iu":
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        groups.setdefault((data, axis), []).append((position, node, int(idx)))
+    if not groups:
+        return 0
+
+    shapes = probe_shapes(model, [d for d, _ in groups], feeds, types) if feeds else []
+
+    def static_dim(data: str, axis: int) -> int | None:
+        dims = {s[data][axis] if -len(s[data]) <= axis < len(s[data]) else None for s in shapes if data in s}
+        return dims.pop() if len(dims) == 1 and None not in dims and len(shapes) == len(feeds) else None
+
+    replacement: dict[int, list[onnx.NodeProto]] = {}  # position of the group's first Gather -> new nodes
+    dropped: set[int] = set()
+    count = 0
+    for (data, axis), members in groups.items():
+        base = f"{data}_gather_rw_axis{axis}"
+        new: list[onnx.NodeProto] = []
+        axes = f"{base}_axes"
+        new.append(helper.make_node("Constant", [], [axes], name=axes,
+                                    value=numpy_helper.from_array(np.array([axis], np.int64))))
+        dim = static_dim(data, axis)
+        indices = [i for _, _, i in members]
+        if dim is not None and sorted(i % dim for i in indices) == list(range(dim)):
+            parts = [f"{base}_split{i}" for i in range(dim)]
+            new.append(helper.make_node("Split", [data], parts, name=f"{base}_Split", axis=axis))
+            for _, node, i in members:
+                new.append(helper.make_node("Squeeze", [parts[i % dim], axes], [node.output[0]], name=node.name))
+        else:
+            for k, (_, node, i) in enumerate(members):
+                starts, ends, sliced = f"{base}_{k}_starts", f"{base}_{k}_ends", f"{base}_{k}_slice"
+                end = i + 1 if i != -1 else np.iinfo(np.int64).max
+                new.append(helper.make_node("Constant", [], [starts], name=starts,
+                                            value=numpy_helper.from_array(np.array([i], np.int64))))
+                new.append(helper.make_node("Constant", [], [ends], name=ends,
+                                            value=numpy_helper.from_array(np.array([end], np.int64))))
+                new.append(helper.make_node("Slice", [data, starts, ends, axes], [sliced], name=f"{node.name}_slice"))
+                new.append(helper.make_node("Squeeze", [sliced, axes], [node.output[0]], name=node.name))
+        replacement[members[0][0]] = new
+        dropped.update(position for position, _, _ in members)
+        count += len(members)
+    nodes: list[onnx.NodeProto] = []
+    for position, node in enumerate(model.graph.node):
+        if position in dropped:
+            # all new nodes go where the group's first Gather was: `data` is already computed there, and
+            # every Gather output is produced no later than before, so the order stays topological
+            nodes.extend(replacement.pop(position, []))
+            continue
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        nodes.append(copy)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return count
+
+
+def embeddings_as_onehot_matmul(model: onnx.ModelProto, trainable: Iterable[str], max_rows: int) -> list[dict]:
+    """Rewrite Gather(W, ids) of a trainable 2-D table W with at most `max_rows` rows as OneHot(ids) @ W.
+
+    Forward values are identical (one product by 1, the others by 0). The gradient becomes a MatMul
+    onehot^T @ dY instead of GatherGrad (a mutex per element, see split_constant_gathers); each row's
+    gradient sums the same terms, possibly in another order (float rounding). The cost grows with the
+    number of rows (measured break-even near 256 rows), hence `max_rows`.
+    Only ids that are a graph input or a constant are rewritten: Gather fails on an id outside
+    [-rows, rows) while OneHot would select a zero row, so the caller records the range for the graph
+    input and the device checks it (edge_sdk LocalTrainer). Returns [{"table", "ids", "rows"}] per rewrite.
+    """
+    trainable = set(trainable)
+    tables = {i.name: i for i in model.graph.initializer if i.name in trainable and len(i.dims) == 2
+              and i.dims[0] <= max_rows and i.data_type in _FLOAT_TYPES}
+    allowed_ids = {i.name for i in model.graph.input} | set(constant_values(model))
+    nodes: list[onnx.NodeProto] = []
+    rewritten: list[dict] = []
+    for node in model.graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and len(node.input) == 2 \
+                and node.input[0] in tables and axis == 0 and node.input[1] in allowed_ids:
+            table = tables[node.input[0]]
+            rows = int(table.dims[0])
+            base = f"{node.output[0]}_onehot"
+            depth, onoff = f"{base}_depth", f"{base}_values"
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(table.data_type)
+            nodes.append(helper.make_node("Constant", [], [depth], name=depth,
+                                          value=numpy_helper.from_array(np.array(rows, np.int64))))
+            nodes.append(helper.make_node("Constant", [], [onoff], name=onoff,
+                                          value=numpy_helper.from_array(np.array([0, 1], dtype))))
+            nodes.append(helper.make_node("OneHot", [node.input[1], depth, onoff], [base], name=f"{node.name}_OneHot",
+                                          axis=-1))
+            nodes.append(helper.make_node("MatMul", [base, node.input[0]], [node.output[0]], name=node.name))
+            rewritten.append({"table": node.input[0], "ids": node.input[1], "rows": rows})
+            continue
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        nodes.append(copy)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return rewritten
 
 
 def clamp_ir_version(path: str | os.PathLike, max_ir: int = MAX_IR_VERSION) -> int:

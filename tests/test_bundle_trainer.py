@@ -141,3 +141,50 @@ def test_transformer_train_and_evaluate(transformer_bundle):
     after = t.evaluate(x, y, batch_size=16)
     assert r.steps == 6 and after.loss < before.loss - 0.5
     assert after.accuracy == pytest.approx(float(np.mean(after.scores.argmax(-1) == y)))
+
+
+def test_transformer_rejects_ids_outside_the_embedding(transformer_bundle):
+    """Embeddings train as OneHot @ W, which would map a bad id to a zero row: LocalTrainer refuses it."""
+    assert transformer_bundle.manifest["inputs"][0]["index_range"] == [-80, 79]
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 80, size=(4, 32)).astype(np.int64)
+    y = rng.integers(0, 80, size=(4, 32)).astype(np.int64)
+    with LocalTrainer(transformer_bundle) as t:
+        t.train((x, y), batch_size=4)
+        bad = x.copy()
+        bad[1, 3] = 80
+        with pytest.raises(ValueError, match=r"ids must lie in \[-80, 79\]"):
+            t.train((bad, y), batch_size=4)
+        with pytest.raises(ValueError, match="ids must lie"):
+            t.evaluate(bad, y)
+
+
+def _subnormal_survives() -> bool:
+    tiny = np.finfo(np.float32).smallest_subnormal
+    return bool(np.float32(tiny) * np.float32(1.0) != 0)
+
+
+def test_flush_to_zero_is_opt_in_and_stays_off_the_callers_thread(transformer_bundle):
+    """DENORMAL_AS_ZERO sets FTZ on the thread that creates the first session: never by default."""
+    import threading
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 80, size=(4, 32)).astype(np.int64)
+    y = rng.integers(0, 80, size=(4, 32)).astype(np.int64)
+    with LocalTrainer(transformer_bundle) as t:
+        t.train((x, y), batch_size=4)
+    assert _subnormal_survives(), "a default LocalTrainer changed the caller's floating-point mode"
+    seen: dict[str, object] = {}
+
+    def job() -> None:  # what EdgeClient does on its own worker thread (ClientConfig.flush_denormals)
+        try:
+            with LocalTrainer(transformer_bundle, flush_denormals=True) as t2:
+                seen["loss"] = t2.train((x, y), batch_size=4).mean_loss
+        except Exception as exc:  # surfaced below
+            seen["error"] = exc
+
+    th = threading.Thread(target=job)
+    th.start()
+    th.join(120)
+    assert "error" not in seen and np.isfinite(seen["loss"]), seen
+    assert _subnormal_survives(), "flush-to-zero leaked from a worker thread into the caller's"

@@ -86,7 +86,8 @@ def test_char_transformer_gradients_match_torch(bundles):
     b = bundles["char_transformer"]
     m = b.manifest
     assert 100_000 <= b.num_trainable <= 150_000
-    assert m["inputs"][0] == {"name": "input", "shape": ["batch", 32], "dtype": "int64"}
+    # the embeddings train as OneHot @ W (graph.embeddings_as_onehot_matmul): devices check the id range
+    assert m["inputs"][0] == {"name": "input", "shape": ["batch", 32], "dtype": "int64", "index_range": [-80, 79]}
     assert m["labels"][0] == {"name": "labels", "shape": ["batch", 32], "dtype": "int64"}
     assert m["outputs"][0]["shape"] == ["batch", 32, 80] and m["loss"]["class_axis"] == -1
     g = m["checks"]["gradient"]
@@ -211,7 +212,8 @@ def test_export_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         fedatt(["export", "--help"])
     text = capsys.readouterr().out
-    for option in ("--example-input", "--loss", "--optimizer", "--freeze", "--lr", "--out", "MODULE:FACTORY"):
+    for option in ("--example-input", "--loss", "--optimizer", "--freeze", "--lr", "--out", "MODULE:FACTORY",
+                   "--no-speed-rewrites"):
         assert option in text
 
 
@@ -254,3 +256,70 @@ def test_bundle_initial_parameters_equal_torch_state(tmp_path):
     named = b.split(b.initial_parameters())
     for name, tensor in model.state_dict().items():
         np.testing.assert_array_equal(named[name], tensor.numpy())
+
+
+def _op_types(b: Bundle, role: str) -> set[str]:
+    return {n.op_type for n in onnx.load(str(b.file(role))).graph.node}
+
+
+def test_speed_rewrites_on_the_transformer(bundles):
+    """Dropout(0) removed, q/k/v Gathers split, embeddings as OneHot @ W: no GatherGrad/DropoutGrad left."""
+    b = bundles["char_transformer"]
+    rw = b.manifest["graph_rewrites"]
+    assert rw["enabled"] and rw["dropout_removed"] == 6 and rw["gathers_split"] == 6  # 2 layers x (3 dropouts, q/k/v)
+    assert rw["embeddings_onehot"] == ["position.weight", "token.weight"]
+    assert rw["input_index_range"] == [-80, 79]
+    ops = _op_types(b, "training_model")
+    assert not ops & {"GatherGrad", "Dropout", "DropoutGrad"}
+    assert {"Split", "OneHot"} <= ops
+    assert "Dropout" in _op_types(bundles["cnn"], "training_model")  # p=0.25 is kept
+    assert bundles["cnn"].manifest["graph_rewrites"]["dropout_removed"] == 0
+
+
+def test_speed_rewrites_compute_the_same_function(tmp_path, bundles):
+    """The rewritten bundle and one exported without rewrites give the same logits and the same gradients."""
+    plain = _export("char_transformer", tmp_path / "plain", speed_rewrites=False)
+    assert plain.manifest["graph_rewrites"] == {"enabled": False}
+    assert "GatherGrad" in _op_types(plain, "training_model")
+    from edge_sdk._ort import training_api
+
+    api = training_api()
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 80, size=(3, 32)).astype(np.int64)
+    y = rng.integers(0, 80, size=(3, 32)).astype(np.int64)
+    out = {}
+    for key, b in (("fast", bundles["char_transformer"]), ("plain", plain)):
+        state = api.CheckpointState.load_checkpoint(str(b.file("checkpoint")))
+        module = api.Module(str(b.file("training_model")), state, str(b.file("eval_model")), device="cpu")
+        module.train()
+        loss, logits = module(x, y)
+        grads = {p.name: np.asarray(state.parameters[p.name].grad).copy() for p in b.trainable}
+        out[key] = (float(loss), logits, grads)
+    assert out["fast"][0] == pytest.approx(out["plain"][0], rel=1e-6)
+    np.testing.assert_allclose(out["fast"][1], out["plain"][1], rtol=0, atol=1e-5)
+    for name, g in out["plain"][2].items():
+        np.testing.assert_allclose(out["fast"][2][name], g, rtol=0, atol=1e-6 + 1e-4 * float(np.abs(g).max()),
+                                   err_msg=name)
+
+
+class _PickTwo(nn.Module):
+    """x[:, 0] * x[:, 2] after a Linear: constant-index Gathers that do not cover their axis (Slice path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        return self.head(h[:, 0] * h[:, 2])
+
+
+def test_constant_gathers_that_do_not_cover_the_axis_become_slices(tmp_path):
+    torch.manual_seed(0)
+    b = export_bundle(_PickTwo(), "1x3x8", tmp_path / "pick", loss="cross_entropy")
+    assert b.manifest["graph_rewrites"]["gathers_split"] == 2
+    ops = _op_types(b, "training_model")
+    assert "GatherGrad" not in ops and "Slice" in ops and "Split" not in ops
+    g = b.manifest["checks"]["gradient"]
+    assert g["max_abs_diff"] <= g["tolerance"]
