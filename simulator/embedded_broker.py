@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
 from concurrent.futures import Future
+
+from simulator.ports import free_listen_port
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +40,12 @@ class _BrokerNoiseFilter(logging.Filter):
         return True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class EmbeddedBroker:
-    """Start/stop/restart an amqtt broker on 127.0.0.1:`port` (a free port by default)."""
+    """Start/stop/restart an amqtt broker on 127.0.0.1:`port` (by default a free port outside the ephemeral
+    range, so that nothing can take it while the broker is down for a restart: simulator/ports.py)."""
 
     def __init__(self, port: int | None = None) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_listen_port()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._broker = None

@@ -12,11 +12,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from simulator.ports import free_listen_port
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port the kernel never gives to an outgoing connection (restarts reuse it safely)."""
+    return free_listen_port()
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
