@@ -10,7 +10,7 @@ partial aggregates of several shards, `finalize()` returns the new global model 
   median              coordinate-wise median: holds all K updates, O(K·model) memory
   trimmed_mean        coordinate-wise mean after trimming a fraction β per side: O(K·model) memory
 
-Accumulation is float64; models come back float32. Formulas and defaults: docs/STRATEGIES.md.
+Sums are float64 across blocks of ≤ 8 float32 updates (attention.BlockedSum); models come back float32. Formulas and defaults: docs/STRATEGIES.md.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from broker.attention import (OnlineSoftmax, fold_scaled, noise_aware_score, normalized_entropy, paper_score,
+from broker.attention import (BlockedSum, OnlineSoftmax, noise_aware_score, normalized_entropy, paper_score,
                               sum_squares, unit_directions)
 
 Named = Mapping[str, np.ndarray]
@@ -107,8 +107,11 @@ class Aggregator:
             a = np.asarray(v)
             if not np.issubdtype(a.dtype, np.floating):
                 raise AggregationError(f"global layer {k!r} has non-float dtype {a.dtype}")
-            self._global[k] = np.array(a, dtype=np.float64)  # a copy: the caller may reuse its buffers
+            # A copy (the caller may reuse its buffers) in its own dtype: finalize adds the float64 step to it in
+            # float64 anyway, and a float64 copy of a float32 model cost 8 bytes per parameter for nothing.
+            self._global[k] = np.array(a)
         self._devices: list[str] = []
+        self._device_set: set[str] = set()  # membership in O(1): a 1,000-device round checked a list per add
         self._finalized = False
 
     # -- public API
@@ -123,7 +126,7 @@ class Aggregator:
             raise AggregationError("aggregator already finalized")
         if not isinstance(device_id, str) or not device_id:
             raise AggregationError("device_id must be a non-empty string")
-        if device_id in self._devices:
+        if device_id in self._device_set:
             raise AggregationError(f"device {device_id!r} already added this round")
         if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) or num_examples <= 0:
             raise AggregationError(f"num_examples must be a positive integer, got {num_examples!r}")
@@ -133,6 +136,7 @@ class Aggregator:
         checked, sumsq = self._check_update(device_id, update)
         self._add(device_id, checked, sumsq, int(num_examples), sigma)
         self._devices.append(device_id)
+        self._device_set.add(device_id)
 
     def merge(self, other: Aggregator) -> None:
         """Fold in another shard's partial aggregate (same strategy, parameters and global; disjoint devices)."""
@@ -142,11 +146,12 @@ class Aggregator:
             raise AggregationError(f"cannot merge {other.name} {other._params()} into {self.name} {self._params()}")
         if {k: v.shape for k, v in other._global.items()} != {k: v.shape for k, v in self._global.items()}:
             raise AggregationError("cannot merge aggregators built on different global models")
-        overlap = set(self._devices) & set(other._devices)
+        overlap = self._device_set & other._device_set
         if overlap:
             raise AggregationError(f"devices present in both shards: {sorted(overlap)}")
         self._merge(other)
         self._devices.extend(other._devices)
+        self._device_set.update(other._devices)
 
     def finalize(self) -> tuple[dict[str, np.ndarray], AggregationReport]:
         """New global model (float32) and the report; refuses an empty round."""
@@ -154,7 +159,9 @@ class Aggregator:
             raise AggregationError(f"{self.name}: no updates to aggregate (finalize called with zero updates)")
         self._finalized = True
         step, weights, extra = self._finalize()
-        new = {k: (theta + step[k]).astype(np.float32) for k, theta in self._global.items()}
+        # θ + step computed in float64, rounded once into the float32 result: one pass, no float64 temporary
+        new = {k: np.add(theta, step[k], out=np.empty(theta.shape, np.float32), casting="same_kind")
+               for k, theta in self._global.items()}
         self._after_finalize(step)
         report = AggregationReport(strategy=self.name, num_updates=self.count, weights=weights,
                                    params=self._params(), extra=extra)
@@ -229,22 +236,22 @@ class FedAvgAggregator(Aggregator):
 
     def __init__(self, global_named: Named) -> None:
         super().__init__(global_named)
-        self._sum = {k: np.zeros_like(v) for k, v in self._global.items()}
+        self._sum = {k: BlockedSum(v.shape) for k, v in self._global.items()}
         self._n: dict[str, int] = {}
 
     def _add(self, device_id, update, sumsq, n, sigma):
         for k, a in update.items():
-            fold_scaled(self._sum[k], a, float(n))
+            self._sum[k].add(a, float(n))
         self._n[device_id] = n
 
     def _merge(self, other):
-        for k in self._sum:
-            self._sum[k] += other._sum[k]
+        for k, acc in self._sum.items():
+            acc.add(other._sum[k].result())
         self._n.update(other._n)
 
     def _finalize(self):
         total = float(sum(self._n.values()))
-        step = {k: s / total for k, s in self._sum.items()}
+        step = {k: s.result() / total for k, s in self._sum.items()}
         weights = {d: {layer: n / total for layer in self._global} for d, n in self._n.items()}
         return step, weights, {"total_examples": int(total)}
 
@@ -292,7 +299,12 @@ class FedAttAggregator(Aggregator):
 
     def _finalize(self):
         weights = {d: {k: self._acc[k].weight(s[k]) for k in self._global} for d, s in self._scores.items()}
-        step = {k: self.eps * acc.mean() for k, acc in self._acc.items()}
+        step = {}
+        for k, acc in self._acc.items():
+            s = acc.mean()  # a fresh array: scaled in place instead of a second full-size temporary
+            if self.eps != 1.0:
+                s *= self.eps
+            step[k] = s
         return step, weights, {"scores": self._scores}
 
 
@@ -342,7 +354,12 @@ class NoiseAwareAggregator(FedAttAggregator):
         weights = {d: {k: (1 - lam) * self._acc[k].weight(s[k]) + lam / m for k in self._global}
                    for d, s in self._scores.items()}
         # The floor mixes in the plain mean Σ Δ_k / m, which each OnlineSoftmax kept (plain_sum) in the same pass.
-        step = {k: self.eps * ((1 - lam) * acc.mean() + lam * acc.total / m) for k, acc in self._acc.items()}
+        step = {}
+        for k, acc in self._acc.items():
+            s = acc.mean()  # ε·((1−λ)·mean + λ·total/m) with one full-size temporary
+            s *= self.eps * (1 - lam)
+            s += (self.eps * lam / m) * acc.plain_total()
+            step[k] = s
         extra = {"scores": self._scores, "noise_std": self._sigmas,
                  "direction_used": sorted(k for k, g in self._dirs.items() if g is not None)}
         return step, weights, extra

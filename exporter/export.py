@@ -148,7 +148,8 @@ def _speed_rewrites(proto, example: torch.Tensor, trainable: set[str]) -> dict[s
 
     Measured on the zoo char_transformer at one thread (docs/PERFORMANCE.md section 1): ORT differentiates
     Gather with GatherGrad, which takes a mutex per element; torch's MultiheadAttention (q/k/v = proj[i])
-    and every nn.Embedding produce Gathers. Dropout(p=0) is removed. The export checks then compare the
+    and every nn.Embedding produce Gathers. Dropout(p=0) is removed. Exact GELU is kept out of ORT's Gelu
+    fusion, whose gradient kernel does not vectorise erf. The export checks then compare the
     rewritten graph with torch (forward and gradients) like any other.
     """
     feed = example.numpy()
@@ -156,12 +157,14 @@ def _speed_rewrites(proto, example: torch.Tensor, trainable: set[str]) -> dict[s
     dropout = graph.remove_noop_dropout(proto)
     gathers = graph.split_constant_gathers(proto, feeds)
     onehot = graph.embeddings_as_onehot_matmul(proto, trainable, ONEHOT_MAX_ROWS)
+    gelus = graph.gelu_as_erf_chain(proto)
     graph.remove_unused_constants(proto)
     rows = [e["rows"] for e in onehot if e["ids"] == INPUT]
     return {
         "enabled": True,
         "dropout_removed": len(dropout),
         "gathers_split": gathers,
+        "gelu_unfused": gelus,
         "embeddings_onehot": sorted({e["table"] for e in onehot}),
         "onehot_max_rows": ONEHOT_MAX_ROWS,
         # ids outside this range selected a zero row instead of failing: devices check it (LocalTrainer)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -263,15 +264,17 @@ def _op_types(b: Bundle, role: str) -> set[str]:
 
 
 def test_speed_rewrites_on_the_transformer(bundles):
-    """Dropout(0) removed, q/k/v Gathers split, embeddings as OneHot @ W: no GatherGrad/DropoutGrad left."""
+    """Dropout(0) removed, q/k/v Gathers split, embeddings as OneHot @ W, GELU unfused: no GatherGrad/DropoutGrad/
+    GeluGrad left."""
     b = bundles["char_transformer"]
     rw = b.manifest["graph_rewrites"]
     assert rw["enabled"] and rw["dropout_removed"] == 6 and rw["gathers_split"] == 6  # 2 layers x (3 dropouts, q/k/v)
     assert rw["embeddings_onehot"] == ["position.weight", "token.weight"]
     assert rw["input_index_range"] == [-80, 79]
+    assert rw["gelu_unfused"] == 2  # one GELU per encoder layer
     ops = _op_types(b, "training_model")
-    assert not ops & {"GatherGrad", "Dropout", "DropoutGrad"}
-    assert {"Split", "OneHot"} <= ops
+    assert not ops & {"GatherGrad", "Dropout", "DropoutGrad", "Gelu", "GeluGrad"}
+    assert {"Split", "OneHot", "Erf"} <= ops
     assert "Dropout" in _op_types(bundles["cnn"], "training_model")  # p=0.25 is kept
     assert bundles["cnn"].manifest["graph_rewrites"]["dropout_removed"] == 0
 
@@ -280,7 +283,7 @@ def test_speed_rewrites_compute_the_same_function(tmp_path, bundles):
     """The rewritten bundle and one exported without rewrites give the same logits and the same gradients."""
     plain = _export("char_transformer", tmp_path / "plain", speed_rewrites=False)
     assert plain.manifest["graph_rewrites"] == {"enabled": False}
-    assert "GatherGrad" in _op_types(plain, "training_model")
+    assert {"GatherGrad", "GeluGrad"} <= _op_types(plain, "training_model")
     from edge_sdk._ort import training_api
 
     api = training_api()
@@ -323,3 +326,44 @@ def test_constant_gathers_that_do_not_cover_the_axis_become_slices(tmp_path):
     assert "GatherGrad" not in ops and "Slice" in ops and "Split" not in ops
     g = b.manifest["checks"]["gradient"]
     assert g["max_abs_diff"] <= g["tolerance"]
+
+
+def _gelu_graph(divisor: float, one: float = 1.0) -> onnx.ModelProto:
+    """The exact GELU as TorchScript writes it below opset 20, x·(1 + erf(x / divisor))·0.5, on a [2, 5] input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    consts = {"c_div": divisor, "c_one": one, "c_half": 0.5}
+    nodes = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(np.array(v, np.float32)))
+             for k, v in consts.items()]
+    nodes += [helper.make_node("Div", ["x", "c_div"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+              helper.make_node("Add", ["e", "c_one"], ["a"]), helper.make_node("Mul", ["x", "a"], ["m"]),
+              helper.make_node("Mul", ["m", "c_half"], ["y"])]
+    g = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_gelu_rewrite_is_the_same_function_and_only_matches_exact_gelu():
+    import onnxruntime
+
+    from exporter import graph
+
+    x = np.linspace(-6, 6, 10, dtype=np.float32).reshape(2, 5)
+
+    def run(m: onnx.ModelProto) -> np.ndarray:
+        sess = onnxruntime.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"x": x})[0]
+
+    m = _gelu_graph(float(np.sqrt(2.0)))
+    before = run(m)
+    assert graph.gelu_as_erf_chain(m) == 1
+    graph.remove_unused_constants(m)
+    onnx.checker.check_model(m)
+    assert [n.op_type for n in m.graph.node if n.op_type != "Constant"] == ["Mul", "Erf", "Mul", "Add", "Mul"]
+    after = run(m)
+    np.testing.assert_allclose(after, before, rtol=2e-7, atol=1e-7)
+    exact = 0.5 * x.astype(np.float64) * (1 + np.vectorize(math.erf)(x.astype(np.float64) / math.sqrt(2)))
+    np.testing.assert_allclose(after, exact, rtol=1e-6, atol=1e-7)
+    # not GELU (another divisor, another constant): left alone
+    assert graph.gelu_as_erf_chain(_gelu_graph(2.0)) == 0
+    assert graph.gelu_as_erf_chain(_gelu_graph(float(np.sqrt(2.0)), one=2.0)) == 0
