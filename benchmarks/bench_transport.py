@@ -192,14 +192,20 @@ def latency_run(bundle: Any, k: int, rounds: int, encoding: str, workdir: Path) 
             devices.append(d)
             fleet_pump.add(d.c)
         deadline = time.monotonic() + 120 + 5 * k
+        # The aggregator's peak RSS is sampled from /proc while it runs: it exits by itself after --max-rounds (an
+        # exited process has no VmHWM; the first version read it afterwards and recorded 0 MiB), and wait4's
+        # ru_maxrss is no substitute: Linux carries the forked parent's RSS (this process, holding K payloads)
+        # across exec into it.
+        agg_peak = 0.0
         while time.monotonic() < deadline and len(summaries) < rounds:
             if agg.poll() is not None and len(summaries) < rounds:
                 raise RuntimeError("aggregator exited: " + agg.stderr.read().decode()[-2000:])
             fleet_pump.pump(0.02)
+            agg_peak = max(agg_peak, peak_rss_mib(agg.pid))
         time.sleep(0.2)  # let the observer see the last model
+        agg_peak = max(agg_peak, peak_rss_mib(agg.pid))
         if len(summaries) < rounds:
             raise RuntimeError(f"only {len(summaries)} of {rounds} rounds closed (connected {stats['connected']})")
-        agg_peak = peak_rss_mib(agg.pid)
         broker_peak = peak_rss_mib(broker.proc.pid)
         agg.wait(60)
     finally:
