@@ -512,12 +512,24 @@ class EdgeClient:
         except Exception as exc:  # stopping must always complete
             self._log.debug("while disconnecting: %s", exc)
         if self._mode == "thread":
-            self.mqtt.loop_stop()
+            self._stop_network_thread(timeout)
         if self._own_executor is not None:
             self._own_executor.shutdown(wait=False, cancel_futures=True)
         self._closed = True
         unlock_state_dir(self._lock_fd)
         self._lock_fd = None
+
+    def _stop_network_thread(self, timeout: float) -> None:
+        # paho's loop_stop() joins its network thread with no timeout, and that thread only leaves its loop once
+        # the connection is gone or nothing is left to send; a fresh clone's CI run once saw `fedatt device` hang
+        # here for > 15 s after Ctrl-C. The thread is a daemon, so after `timeout` it is abandoned (it ends with
+        # the process) and stop() completes.
+        stopper = threading.Thread(target=self.mqtt.loop_stop, name=f"fedatt-stop-{self.config.device_id}",
+                                   daemon=True)
+        stopper.start()
+        stopper.join(timeout)
+        if stopper.is_alive():
+            self._log.warning("MQTT network thread did not stop within %.1fs; abandoning it", timeout)
 
     close = stop
 

@@ -131,6 +131,7 @@ def load_npz(path: str) -> tuple:
 
 
 def device_command(args: argparse.Namespace) -> int:
+    import faulthandler
     import signal
     import threading
 
@@ -169,6 +170,8 @@ def device_command(args: argparse.Namespace) -> int:
     stop = threading.Event()
     # systemd and container runtimes stop with SIGTERM: shut down as cleanly as on Ctrl-C
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a device that does not stop is
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         client = EdgeClient(config, bundle, data, on_round_result=show)
     except Exception as exc:  # ledger mismatch/corruption, state_dir in use, ...

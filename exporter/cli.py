@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check-steps", type=int, default=5, help="ORT training steps the loss check runs (5)")
     p.add_argument("--no-speed-rewrites", action="store_true",
                    help="export the graph as torch wrote it (no Dropout(0) removal, no Gather -> Split/Slice/OneHot "
-                        "rewrites that avoid ORT's slow GatherGrad; see docs/PERFORMANCE.md)")
+                        "rewrites that avoid ORT's slow GatherGrad, no GELU rewrite that avoids its slow GeluGrad; "
+                        "see docs/PERFORMANCE.md)")
     p.set_defaults(func=run)
 
 

@@ -341,7 +341,14 @@ def test_fedatt_device_cli_runs_until_interrupted(mosquitto, bundle, data, tmp_p
         wait_for(lambda: sub.msgs, 30, "update from the CLI device")
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=15)
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # the CLI dumps every thread's stack: say where it hangs
+            time.sleep(1.0)
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"fedatt device did not stop within 15 s of SIGINT; stacks:\n{err[-6000:]}")
         assert proc.returncode == 0, err
         assert "round 1 (attempt 1): published" in out and "stopped" in out, out + err
         assert wire.decode_update(sub.msgs[0][1]).device_id == "cli1"
@@ -350,6 +357,26 @@ def test_fedatt_device_cli_runs_until_interrupted(mosquitto, bundle, data, tmp_p
             proc.kill()
             proc.wait()
         sub.close()
+
+
+def test_stop_is_bounded_when_the_network_thread_does_not_end(mosquitto, bundle, data, tmp_path, caplog):
+    """paho's loop_stop() joins with no timeout; a network thread that never ends must not hang stop()."""
+    import threading
+
+    client = EdgeClient(config(mosquitto, tmp_path / "dev1"), bundle, data).start()
+    assert client.wait_connected(10)
+    release = threading.Event()
+    real_loop_stop = client.mqtt.loop_stop
+    client.mqtt.loop_stop = lambda: release.wait()  # stands in for a network thread stuck in its loop
+    t0 = time.monotonic()
+    try:
+        with caplog.at_level("WARNING"):
+            client.stop(timeout=0.5)
+        assert time.monotonic() - t0 < 3.0
+        assert "did not stop within 0.5s" in caplog.text
+    finally:
+        release.set()
+        real_loop_stop()
 
 
 def _tls_material(d: Path) -> None:
