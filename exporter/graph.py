@@ -301,7 +301,7 @@ def gelu_as_erf_chain(model: onnx.ModelProto) -> int:
     vectorising: 0.75 ms per call for the zoo char_transformer's 16×32×256 activations (5.7 ns/element, 14 % of
     its training step). Written as `Mul(x, Add(Mul(Erf(Mul(x, 1/√2)), 0.5), 0.5))` the pattern no longer
     matches ORT's GeluFusion, and the generated gradient is made of vectorised Mul/Exp/Neg/Add kernels
-    (measured side by side in one process: 12.1 → 10.4 ms CPU per step, docs/PERFORMANCE.md section 1).
+    (both bundles side by side in one process: 3–14 % less CPU per step in five A/B runs, docs/PERFORMANCE.md §1).
     The function is the same (each rewritten operation rounds differently by at most an ulp); the export
     checks then compare forward and gradients with torch as for any graph. Returns the number of GELUs rewritten.
     """

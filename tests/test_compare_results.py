@@ -47,3 +47,12 @@ def test_unreadable_input_is_a_clear_error(tmp_path, capsys):
     bad.write_text("{not json")
     assert main([str(bad), _write(tmp_path, "b.json", DOC)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_single_seed_values_wrapped_in_lists_and_renamed_settings_are_accepted(tmp_path):
+    """A later study writer keeps one entry per seed ([x] for one seed) and renames seed -> seeds."""
+    old = {"seed": 0, "data": {"z1": {"acc": [0.1, 0.2], "eps": 12.5}}}
+    new = {"seeds": [0], "data": {"z1": {"acc": [[0.1, 0.2]], "eps": [12.5], "final_acc_mean": 0.2}}}
+    assert main([_write(tmp_path, "a.json", old), _write(tmp_path, "b.json", new)]) == 0
+    new["data"]["z1"]["acc"] = [[0.1, 0.25]]
+    assert main([_write(tmp_path, "a.json", old), _write(tmp_path, "b.json", new)]) == 1
