@@ -521,9 +521,9 @@ class EdgeClient:
 
     def _stop_network_thread(self, timeout: float) -> None:
         # paho's loop_stop() joins its network thread with no timeout, and that thread only leaves its loop once
-        # the connection is gone or nothing is left to send; a fresh clone's CI run once saw `fedatt device` hang
-        # here for > 15 s after Ctrl-C. The thread is a daemon, so after `timeout` it is abandoned (it ends with
-        # the process) and stop() completes.
+        # the connection is gone or nothing is left to send (e.g. a QoS 1 message the broker never acknowledges).
+        # The thread is a daemon, so after `timeout` it is abandoned (it ends with the process) and stop()
+        # always completes.
         stopper = threading.Thread(target=self.mqtt.loop_stop, name=f"fedatt-stop-{self.config.device_id}",
                                    daemon=True)
         stopper.start()

@@ -168,8 +168,12 @@ def device_command(args: argparse.Namespace) -> int:
                   f"ε={eps}", flush=True)
 
     stop = threading.Event()
-    # systemd and container runtimes stop with SIGTERM: shut down as cleanly as on Ctrl-C
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # Ctrl-C and SIGTERM (systemd, container runtimes) both end the loop below and stop the client cleanly. SIGINT
+    # gets an explicit handler, like `fedatt aggregate`'s: a process started from a non-interactive shell's
+    # background job inherits SIGINT as ignored, and Python then installs no KeyboardInterrupt for it; such a
+    # device ignored Ctrl-C (seen in a fresh-clone test run started with `&`, thread stacks via SIGUSR1).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a device that does not stop is
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
@@ -188,8 +192,6 @@ def device_command(args: argparse.Namespace) -> int:
             if client.auth_refused and not args.keep_retrying:
                 refused = client.auth_refused
                 break
-    except KeyboardInterrupt:
-        pass
     finally:
         client.stop()
     if refused:
