@@ -6,8 +6,9 @@ weight matrices dominate) and a pool of 4 distinct float32 updates (std 0.01), t
 `make_aggregator(strategy, global).add(...)` cycling through the pool - updates are never all in memory unless
 the strategy keeps them (median, trimmed_mean copy every update: O(K·P)). Timed: all K `add` calls plus
 `finalize()`, repeated in the child (7 times for K·P ≤ 1e8, 3 up to 1e9, else once) and reported as the median
-run: single runs of the small configurations scattered by ±50 % on the shared 2-core VM. Memory: growth = VmHWM at the end - VmRSS just before the aggregator was created (the pool and
-the global model are excluded, they are the same for every K).
+run: single runs of the small configurations scattered by ±50 % on the shared 2-core VM. Memory: growth =
+VmHWM at the end - VmRSS just before the first aggregator was created (the pool and the global model are
+excluded, they are the same for every K).
 
 Lower bounds (same loop, same pool): `acc64 += u` per layer into a float64 accumulator (the precision the
 strategies promise: "accumulation is float64") and `acc32 += u` (float32, the least possible one pass).
@@ -81,8 +82,6 @@ def child(strategy: str, k: int, p: int) -> dict[str, Any]:
             t1 = time.perf_counter()
             _ = {n: (global_named[n] + acc[n] / k).astype(np.float32) for n in names}
             return t_add, time.perf_counter() - t1
-        from broker.strategies import make_aggregator
-
         t0 = time.perf_counter()
         agg = make_aggregator(strategy, global_named)
         for i in range(k):
@@ -92,8 +91,8 @@ def child(strategy: str, k: int, p: int) -> dict[str, Any]:
         agg.finalize()
         return t_add, time.perf_counter() - t1
 
-    if not strategy.startswith("numpy"):
-        import broker.strategies  # noqa: F401  (imported before the baseline RSS, like numpy itself)
+    from broker.strategies import make_aggregator  # before the baseline RSS, like numpy itself
+
     base = rss_mib()
     runs = sorted((once() for _ in range(repeats_for(k, p))), key=sum)
     t_add, t_fin = runs[len(runs) // 2]  # the median run (by total time)

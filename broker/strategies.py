@@ -10,7 +10,8 @@ partial aggregates of several shards, `finalize()` returns the new global model 
   median              coordinate-wise median: holds all K updates, O(K·model) memory
   trimmed_mean        coordinate-wise mean after trimming a fraction β per side: O(K·model) memory
 
-Sums are float64 across blocks of ≤ 8 float32 updates (attention.BlockedSum); models come back float32. Formulas and defaults: docs/STRATEGIES.md.
+Sums are float64 across blocks of ≤ 8 float32 updates (attention.BlockedSum); models come back float32.
+Formulas and defaults: docs/STRATEGIES.md.
 """
 from __future__ import annotations
 
@@ -110,8 +111,8 @@ class Aggregator:
             # A copy (the caller may reuse its buffers) in its own dtype: finalize adds the float64 step to it in
             # float64 anyway, and a float64 copy of a float32 model cost 8 bytes per parameter for nothing.
             self._global[k] = np.array(a)
-        self._devices: list[str] = []
-        self._device_set: set[str] = set()  # membership in O(1): a 1,000-device round checked a list per add
+        # device ids in arrival order; a dict so membership is O(1) (a 1,000-device round searched a list per add)
+        self._devices: dict[str, None] = {}
         self._finalized = False
 
     # -- public API
@@ -126,7 +127,7 @@ class Aggregator:
             raise AggregationError("aggregator already finalized")
         if not isinstance(device_id, str) or not device_id:
             raise AggregationError("device_id must be a non-empty string")
-        if device_id in self._device_set:
+        if device_id in self._devices:
             raise AggregationError(f"device {device_id!r} already added this round")
         if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) or num_examples <= 0:
             raise AggregationError(f"num_examples must be a positive integer, got {num_examples!r}")
@@ -135,8 +136,7 @@ class Aggregator:
             raise AggregationError(f"noise_std must be finite and >= 0, got {noise_std!r}")
         checked, sumsq = self._check_update(device_id, update)
         self._add(device_id, checked, sumsq, int(num_examples), sigma)
-        self._devices.append(device_id)
-        self._device_set.add(device_id)
+        self._devices[device_id] = None
 
     def merge(self, other: Aggregator) -> None:
         """Fold in another shard's partial aggregate (same strategy, parameters and global; disjoint devices)."""
@@ -146,12 +146,11 @@ class Aggregator:
             raise AggregationError(f"cannot merge {other.name} {other._params()} into {self.name} {self._params()}")
         if {k: v.shape for k, v in other._global.items()} != {k: v.shape for k, v in self._global.items()}:
             raise AggregationError("cannot merge aggregators built on different global models")
-        overlap = self._device_set & other._device_set
+        overlap = self._devices.keys() & other._devices.keys()
         if overlap:
             raise AggregationError(f"devices present in both shards: {sorted(overlap)}")
         self._merge(other)
-        self._devices.extend(other._devices)
-        self._device_set.update(other._devices)
+        self._devices.update(other._devices)
 
     def finalize(self) -> tuple[dict[str, np.ndarray], AggregationReport]:
         """New global model (float32) and the report; refuses an empty round."""

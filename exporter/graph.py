@@ -309,9 +309,11 @@ def gelu_as_erf_chain(model: onnx.ModelProto) -> int:
         return 0
     values = constant_values(model)
     outputs = {o.name for o in model.graph.output}
-    producer = {o: n for n in model.graph.node for o in n.output}
+    # one list of the node objects for every pass below: the id()s that mark the pattern's nodes stay valid
+    graph_nodes = list(model.graph.node)
+    producer = {o: n for n in graph_nodes for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
+    for n in graph_nodes:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
 
@@ -326,7 +328,7 @@ def gelu_as_erf_chain(model: onnx.ModelProto) -> int:
 
     replace: dict[int, list[onnx.NodeProto]] = {}  # id of the pattern's last node -> the new chain
     dropped: set[int] = set()
-    for erf in model.graph.node:
+    for erf in graph_nodes:
         if erf.op_type != "Erf" or erf.domain not in ("", "ai.onnx"):
             continue
         div = producer.get(erf.input[0])
@@ -359,7 +361,7 @@ def gelu_as_erf_chain(model: onnx.ModelProto) -> int:
     if not replace:
         return 0
     nodes: list[onnx.NodeProto] = []
-    for node in model.graph.node:
+    for node in graph_nodes:
         if id(node) in dropped:
             # the chain goes where the pattern's last node was: x is computed before it, and nothing between
             # the pattern's nodes reads their (single-consumer) intermediates

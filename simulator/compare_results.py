@@ -91,8 +91,11 @@ def compare(old: Any, new: Any) -> dict[str, Any]:
         slot["n"] += 1
         if diff > slot["max_diff"] or (math.isnan(diff) and not math.isnan(slot["max_diff"])):
             slot["max_diff"], slot["where"] = diff, "/".join(path)
-    return {"metrics": per, "only_old": sorted("/".join(p) for p in a.keys() - b.keys()),
-            "only_new": sorted("/".join(p) for p in b.keys() - a.keys())}
+    gone = a.keys() - b.keys()
+    return {"metrics": per, "only_old": sorted("/".join(p) for p in gone),
+            "only_new": sorted("/".join(p) for p in b.keys() - a.keys()),
+            # plotted numbers (accuracy-like, ε) of the old file that the new one does not have
+            "lost": sorted("/".join(p) for p in gone if _kind(metric_of(p)) != "other")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     for side in ("only_old", "only_new"):
         if res[side]:
             print(f"{side}: {len(res[side])} leaves, e.g. {res[side][:3]}")
-    lost = [p for p in res["only_old"] if _kind(metric_of(tuple(p.split("/")))) != "other"]
-    ok = worst_checked <= args.tol and not lost
+    ok = worst_checked <= args.tol and not res["lost"]
     print(f"{'REPRODUCED' if ok else 'DIFFERENT'}: accuracy-like metrics within {worst_checked:.3g} "
           f"(tolerance {args.tol:g}){'' if ok else '; see above'}")
     return 0 if ok else 1

@@ -12,12 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from simulator.ports import free_listen_port
-
-
-def free_port() -> int:
-    """A free loopback port the kernel never gives to an outgoing connection (restarts reuse it safely)."""
-    return free_listen_port()
+# A free loopback port the kernel never gives to an outgoing connection, so restarts can reuse it (simulator/ports.py)
+from simulator.ports import free_listen_port as free_port
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
