@@ -326,9 +326,12 @@ def test_config_validation(tmp_path):
     assert "secret" not in repr(ClientConfig(**dict(ok, username="dev1", password="secret")))
 
 
-def test_fedatt_device_cli_runs_until_interrupted(mosquitto, bundle, data, tmp_path):
+@pytest.mark.parametrize("inherited_sigint", ["default", "ignored"])
+def test_fedatt_device_cli_runs_until_interrupted(mosquitto, bundle, data, tmp_path, inherited_sigint):
+    """Ctrl-C stops the device, also when it was started with SIGINT ignored (a shell's background job)."""
     import signal
 
+    disposition = signal.SIG_DFL if inherited_sigint == "default" else signal.SIG_IGN
     np.savez(tmp_path / "data.npz", x=data[0], y=data[1])
     sub = Subscriber(mosquitto.port, TOPICS.all_updates)
     announce(mosquitto, bundle, cohort=("cli1",))
@@ -336,7 +339,8 @@ def test_fedatt_device_cli_runs_until_interrupted(mosquitto, bundle, data, tmp_p
         [sys.executable, "-m", "edge_sdk.cli", "device", "--bundle", str(bundle.path), "--data",
          str(tmp_path / "data.npz"), "--broker", mosquitto.url, "--device-id", "cli1", "--fleet", FLEET,
          "--state-dir", str(tmp_path / "state"), "--epsilon-budget", "5"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
     try:
         wait_for(lambda: sub.msgs, 30, "update from the CLI device")
         time.sleep(0.3)
